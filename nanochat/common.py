@@ -1,0 +1,144 @@
+"""
+Small shared utilities: the base directory, rank-0 printing, device/dtype autodetection,
+torchrun (DDP) init/cleanup and the GPU peak-FLOPS table used for MFU.
+
+Not for: anything model- or stage-specific (that lives in its own module).
+"""
+
+import os
+import logging
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def get_base_dir():
+    """Return the directory every stage reads from and writes to, creating it if needed.
+
+    `$NANOCHAT_BASE_DIR` if set, else `~/.cache/nanochat`. Returns an absolute path (str).
+    """
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    base_dir = os.path.abspath(base_dir)
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def get_dist_info():
+    """Return (is_ddp, rank, local_rank, world_size) from the torchrun environment variables.
+
+    Outside torchrun: (False, 0, 0, 1).
+    """
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (every process prints outside torchrun)."""
+    if get_dist_info()[1] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    """Return the best available device type: "cuda" > "mps" > "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autodetect_dtype(device_type):
+    """Return the compute dtype for autocast on `device_type`.
+
+    bf16 on CUDA GPUs with compute capability >= 8.0 (Ampere and newer), fp32 otherwise.
+    `NANOCHAT_DTYPE=bfloat16|float32|float16` overrides the choice.
+
+    Raises:
+        ValueError: NANOCHAT_DTYPE names an unknown dtype.
+    """
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                 "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+        if override not in names:
+            raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(names)}; unset it or pick one of those")
+        return names[override]
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def compute_init(device_type=None):
+    """Initialise the process: seeds, precision flags, and torch.distributed under torchrun.
+
+    Uses nccl on CUDA and gloo on CPU. Returns (is_ddp, rank, local_rank, world_size, device).
+
+    Raises:
+        ValueError: an unknown or unavailable `device_type`.
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device-type {device_type!r} is not one of cuda, mps, cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device-type cuda was asked for but torch sees no CUDA GPU; use --device-type cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device-type mps was asked for but MPS is not available; use --device-type cpu")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 for the fp32 matmuls that remain (e.g. logits)
+        torch.backends.cudnn.allow_tf32 = True
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp:
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    """Tear down torch.distributed if compute_init started it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# bf16 dense peak FLOP/s (no sparsity) from the vendors' datasheets. Matched by substring of
+# torch.cuda.get_device_name(), most specific first. GB10 is an estimate (NVIDIA publishes
+# 1 PFLOP FP4 sparse; ~125e12 dense bf16 is the figure the DGX Spark community uses).
+GPU_PEAK_FLOPS_BF16 = [
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("GB10", 125e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 5090", 209.5e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def get_peak_flops(device_name):
+    """Return the bf16 dense peak FLOP/s for a GPU name, or None when it is not in the table.
+
+    None means MFU is reported as "n/a" (never 0 or inf).
+    """
+    for key, flops in GPU_PEAK_FLOPS_BF16:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
