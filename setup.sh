@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# setup.sh: make this checkout ready to run. Idempotent: safe to re-run at any time.
+#   - installs uv (from PyPI) if it is missing
+#   - creates .venv with `uv sync` (which also compiles the rustbpe extension with cargo)
+#   - with --offline-data: installs the Debian text packages and builds the offline corpus
+# It never edits your shell start-up files.
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: ./setup.sh [--offline-data] [--help]
+
+  --offline-data   also apt-get install the Debian text packages listed in
+                   dev/offline_packages.txt (needs root or sudo) and build the offline
+                   pretraining corpus into $NANOCHAT_BASE_DIR/base_data
+  --help           show this message
+
+Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) is where data and checkpoints go.
+USAGE
+}
+
+offline_data=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --offline-data) offline_data=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup.sh: unknown flag '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
+
+# 1. uv (the Python package manager), from PyPI
+if ! command -v uv >/dev/null 2>&1; then
+    echo "[setup] installing uv from PyPI into ~/.local"
+    python3 -m pip install --user --quiet uv 2>/dev/null \
+        || python3 -m pip install --user --quiet --break-system-packages uv
+fi
+command -v uv >/dev/null 2>&1 || { echo "[setup] uv was installed but is not on PATH; add ~/.local/bin to PATH and re-run" >&2; exit 1; }
+
+# 2. the Rust toolchain that builds rustbpe (we never download rustup behind your back)
+if ! command -v cargo >/dev/null 2>&1; then
+    cat >&2 <<'MSG'
+[setup] cargo (the Rust toolchain) is missing; it is needed to build the rustbpe tokenizer trainer.
+        Install it with rustup (https://rustup.rs: curl --proto '=https' -sSf https://sh.rustup.rs | sh)
+        then open a new shell (or `source ~/.cargo/env`) and re-run ./setup.sh
+MSG
+    exit 1
+fi
+
+# 3. the virtual environment: every runtime + test dependency, and the rustbpe extension
+echo "[setup] uv sync (creates .venv, builds rustbpe)"
+uv sync --quiet
+.venv/bin/python -c "import torch, rustbpe, tiktoken, nanochat; print(f'[setup] ok: torch {torch.__version__}, cuda available: {torch.cuda.is_available()}')"
+
+# 4. optional: the offline corpus from Debian packages
+if [ "$offline_data" = 1 ]; then
+    mapfile -t pkgs < <(grep -v -e '^#' -e '^$' dev/offline_packages.txt)
+    missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        sudo=""
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        echo "[setup] apt-get install ${missing[*]}"
+        $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+    .venv/bin/python -m nanochat.dataset --offline
+fi
