@@ -1,10 +1,11 @@
 """
 Small shared utilities: the base directory, rank-0 printing, device/dtype autodetection,
-torchrun (DDP) init/cleanup and the GPU peak-FLOPS table used for MFU.
+torchrun (DDP) init/cleanup, the GPU peak-FLOPS table used for MFU, and the flag parser.
 
 Not for: anything model- or stage-specific (that lives in its own module).
 """
 
+import argparse
 import os
 import logging
 
@@ -142,3 +143,15 @@ def get_peak_flops(device_name):
         if key.lower() in device_name.lower():
             return flops
     return None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser that also accepts underscores in dashed long flags.
+
+    `--device-batch-size` is the documented spelling; `--device_batch_size` (upstream
+    nanochat's spelling, used in many guides) is accepted as an alias. `--flag=value` works too.
+    """
+
+    def add_argument(self, *names, **kwargs):
+        aliases = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *aliases, **kwargs)

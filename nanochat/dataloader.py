@@ -1,0 +1,183 @@
+"""
+Streaming pretraining data loader: parquet shards -> tokens -> (B, T) int64 inputs/targets.
+
+Documents are read row group by row group with pyarrow, tokenized on the fly in batches
+(several threads), each prefixed with <|bos|>, and concatenated into one token stream that
+is cut into (B, T) batches. Under DDP, rank r of W reads row groups r, r+W, r+2W, ... of
+every shard, so ranks see disjoint documents. Every batch comes with a small state dict
+from which a new loader resumes exactly where this one stopped.
+
+Not for: chat/SFT data (those are `Task`s rendered by the tokenizer) or downloading
+shards (nanochat/dataset.py).
+"""
+
+from collections import deque
+from itertools import islice
+
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import get_dist_info
+from nanochat.dataset import list_parquet_files
+
+STATE_KEYS = ("epoch", "shard_index", "row_group_index", "doc_index", "token_offset", "rank", "world_size")
+
+
+def _split_paths(split):
+    """Return the parquet paths of `split`: train = all shards but the last, val = the last."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    paths = list_parquet_files()
+    if not paths:
+        raise FileNotFoundError(
+            "no pretraining shards (base_data/shard_*.parquet) under $NANOCHAT_BASE_DIR; download them "
+            "with `python -m nanochat.dataset` or build the offline corpus with `python -m nanochat.dataset --offline`")
+    if split == "train" and len(paths) < 2:
+        raise FileNotFoundError(
+            f"only one shard ({paths[0]}), and the last shard is held out for validation, so the train split "
+            "is empty; get at least 2 shards with `python -m nanochat.dataset` (or `--offline`)")
+    return paths[:-1] if split == "train" else paths[-1:]
+
+
+def _iter_documents(paths, rank, world_size, epoch, shard_index, row_group_index, doc_index):
+    """Yield ((epoch, shard_index, row_group_index, doc_index), text) forever, in loader order.
+
+    Starts at the given position; afterwards walks this rank's row groups (rank, rank+W, ...)
+    of every shard in order, then starts the next epoch at shard 0.
+
+    Raises:
+        ValueError: a whole epoch holds no document for this rank (more ranks than row groups).
+    """
+    full_epoch = (shard_index, row_group_index, doc_index) == (0, rank, 0)
+    while True:
+        found = False
+        for si in range(shard_index, len(paths)):
+            pf = pq.ParquetFile(paths[si])
+            for rgi in range(row_group_index, pf.num_row_groups, world_size):
+                texts = pf.read_row_group(rgi, columns=["text"]).column("text").to_pylist()
+                for di in range(doc_index, len(texts)):
+                    found = True
+                    yield (epoch, si, rgi, di), texts[di]
+                doc_index = 0
+            row_group_index = rank
+        if full_epoch and not found:
+            raise ValueError(f"rank {rank} of {world_size} has no documents: the shards {paths} have too few "
+                             "row groups (or only empty ones) for this many ranks; use fewer ranks or more shards")
+        epoch, shard_index, row_group_index, doc_index = epoch + 1, 0, rank, 0
+        full_epoch = True
+
+
+def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cuda",
+                                       resume_state_dict=None, tokenizer=None, rank=None, world_size=None):
+    """Yield (inputs, targets, state_dict) forever from the pretraining shards of `split`.
+
+    inputs, targets: (B, T) int64 tensors on `device`; targets[b, t] is the token after
+    inputs[b, t] in the stream (both are views of one B*T+1 token window). Consecutive
+    windows overlap by one token, so every token of the stream is a target exactly once.
+    Both splits loop over epochs forever; the caller decides how many batches to take.
+
+    state_dict (plain ints, JSON-able) locates the first token of the next window:
+      epoch, shard_index, row_group_index, doc_index: the document it belongs to
+        (shard_index indexes this split's shards; row_group_index is a row group of this rank);
+      token_offset: its index in that document's tokens (<|bos|> is index 0);
+      rank, world_size: the stream it belongs to (each rank has its own).
+    Resuming re-reads that row group, re-tokenizes from that document and drops the first
+    token_offset tokens. Tokenization is per document and deterministic, so the rebuilt
+    token buffer, and every batch after it, equals what the uninterrupted loader yields.
+    Under DDP every rank must resume from its own state dict.
+
+    Args:
+        B, T: batch size and sequence length (tokens).
+        split: "train" (all shards but the last) or "val" (the last shard).
+        tokenizer_threads: threads the tokenizer encodes a batch of documents with.
+        tokenizer_batch_size: documents per encode call.
+        device: where the batches go; on CUDA via pinned memory and a non-blocking copy.
+        resume_state_dict: a state dict yielded earlier by a loader of the same split, data,
+            tokenizer and rank; None starts at the beginning.
+        tokenizer: defaults to nanochat.tokenizer.get_tokenizer().
+        rank, world_size: default to the torchrun environment (get_dist_info()).
+
+    Raises:
+        FileNotFoundError: no shards, or a single shard and split="train".
+        ValueError: bad split, or a resume state from another rank/world size, another set
+            of shards or another tokenizer.
+    """
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    assert 0 <= rank < world_size
+    paths = _split_paths(split)
+    if tokenizer is None:
+        from nanochat.tokenizer import get_tokenizer  # imported here so tests can inject a tokenizer without it
+        tokenizer = get_tokenizer()
+    bos = tokenizer.get_bos_token_id()
+
+    start = {"epoch": 0, "shard_index": 0, "row_group_index": rank, "doc_index": 0, "token_offset": 0}
+    if resume_state_dict is not None:
+        missing = [k for k in STATE_KEYS if k not in resume_state_dict]
+        if missing:
+            raise ValueError(f"dataloader resume state lacks {missing}; it was not made by this loader")
+        if (resume_state_dict["rank"], resume_state_dict["world_size"]) != (rank, world_size):
+            raise ValueError(
+                f"dataloader resume state is for rank {resume_state_dict['rank']} of {resume_state_dict['world_size']}, "
+                f"but this is rank {rank} of {world_size}; resume with the same number of processes")
+        if resume_state_dict["shard_index"] >= len(paths):
+            raise ValueError(f"dataloader resume state points at {split} shard {resume_state_dict['shard_index']} but "
+                             f"there are only {len(paths)}; the shards in base_data/ changed since the checkpoint")
+        start = {k: int(resume_state_dict[k]) for k in start}
+
+    documents = _iter_documents(paths, rank, world_size, start["epoch"], start["shard_index"],
+                                start["row_group_index"], start["doc_index"])
+    docs = deque()  # (position, token ids) of every document that still has unconsumed tokens
+    head_offset = start["token_offset"]  # tokens of docs[0] already consumed
+    buffered = -head_offset  # tokens available in docs
+    window = B * T + 1
+    use_cuda = torch.device(device).type == "cuda"
+
+    while True:
+        # refill: tokenize the next tokenizer_batch_size documents until a window fits
+        while buffered < window:
+            batch = list(islice(documents, tokenizer_batch_size))
+            positions = [position for position, _ in batch]
+            token_lists = tokenizer.encode([text for _, text in batch], prepend=bos, num_threads=tokenizer_threads)
+            for position, ids in zip(positions, token_lists):
+                docs.append((position, ids))
+                buffered += len(ids)
+            if head_offset >= len(docs[0][1]):  # only a resume state that does not fit the data gets here
+                raise ValueError(f"dataloader resume state has token_offset {head_offset} but that document has only "
+                                 f"{len(docs[0][1])} tokens; the shards or the tokenizer changed since the checkpoint")
+        # gather the window across documents
+        tokens = []
+        offset = head_offset
+        for _, ids in docs:
+            tokens.extend(ids[offset:offset + window - len(tokens)])
+            offset = 0
+            if len(tokens) == window:
+                break
+        # consume B*T tokens; the window's last token starts the next window
+        consume = B * T
+        buffered -= consume
+        while consume > 0:
+            left_in_head = len(docs[0][1]) - head_offset
+            if left_in_head <= consume:
+                docs.popleft()
+                consume -= left_in_head
+                head_offset = 0
+            else:
+                head_offset += consume
+                consume = 0
+        (epoch, shard_index, row_group_index, doc_index), _ = docs[0]
+        state_dict = {"epoch": epoch, "shard_index": shard_index, "row_group_index": row_group_index,
+                      "doc_index": doc_index, "token_offset": head_offset, "rank": rank, "world_size": world_size}
+        scratch = torch.tensor(tokens, dtype=torch.long, pin_memory=use_cuda)  # (B*T+1,)
+        inputs = scratch[:-1].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
+        targets = scratch[1:].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
+        yield inputs, targets, state_dict
+
+
+def without_state(loader):
+    """Yield (inputs, targets) from a loader that yields (inputs, targets, state_dict).
+
+    For consumers that never resume, e.g. evaluate_bpb on the val split.
+    """
+    for inputs, targets, _ in loader:
+        yield inputs, targets
