@@ -7,13 +7,9 @@ Not for: anything model- or stage-specific (that lives in its own module).
 
 import argparse
 import os
-import logging
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger("nanochat")
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
 
 def get_base_dir():
@@ -155,3 +151,30 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_argument(self, *names, **kwargs):
         aliases = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
         return super().add_argument(*names, *aliases, **kwargs)
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run dummy) or on ranks > 0."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run, project, config, rank=0):
+    """A wandb run named `run` on rank 0, or a DummyWandb when run == "dummy" or rank > 0.
+
+    Raises:
+        RuntimeError: wandb cannot start (not logged in, offline); the message says how to
+            log in or to pass --run dummy.
+    """
+    if run == "dummy" or rank != 0:
+        return DummyWandb()
+    import wandb
+    try:
+        return wandb.init(project=project, name=run, config=config)
+    except Exception as e:  # wandb raises several unrelated types for login/network problems
+        raise RuntimeError(f"wandb could not start run {run!r} ({e}); run `wandb login` first, set WANDB_MODE=offline, "
+                           "or pass --run dummy to train without wandb") from e

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import list_parquet_files
+from nanochat.dataset import get_data_dir, list_parquet_files
 
 STATE_KEYS = ("epoch", "shard_index", "row_group_index", "doc_index", "token_offset", "rank", "world_size")
 
@@ -27,15 +27,16 @@ def _split_paths(split):
     """Return the parquet paths of `split`: train = all shards but the last, val = the last."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    paths = list_parquet_files()
+    data_dir = get_data_dir()
+    paths = list_parquet_files(data_dir)
     if not paths:
         raise FileNotFoundError(
-            "no pretraining shards (base_data/shard_*.parquet) under $NANOCHAT_BASE_DIR; download them "
-            "with `python -m nanochat.dataset` or build the offline corpus with `python -m nanochat.dataset --offline`")
+            f"no pretraining shards (shard_*.parquet) in {data_dir}; download them with "
+            "`python -m nanochat.dataset -n 8` or build the offline corpus with `python -m nanochat.dataset --offline`")
     if split == "train" and len(paths) < 2:
         raise FileNotFoundError(
-            f"only one shard ({paths[0]}), and the last shard is held out for validation, so the train split "
-            "is empty; get at least 2 shards with `python -m nanochat.dataset` (or `--offline`)")
+            f"only one shard in {data_dir}, and the last shard is held out for validation, so the train split "
+            "is empty; get at least 2 shards with `python -m nanochat.dataset -n 8` (or `--offline`)")
     return paths[:-1] if split == "train" else paths[-1:]
 
 

@@ -139,7 +139,7 @@ class RustBPETokenizer:
         with open(path, "rb") as f:
             try:
                 data = _PlainDataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
                 raise ValueError(f"{path} is not a nanochat tokenizer file ({e}); re-run `python -m scripts.tok_train`") from e
         if not isinstance(data, dict) or not {"pattern", "mergeable_ranks", "special_tokens"} <= data.keys():
             raise ValueError(f"{path} is not a nanochat tokenizer file; re-run `python -m scripts.tok_train`")
@@ -195,10 +195,10 @@ class RustBPETokenizer:
         Taken from the merge table's bytes, never by decoding, because a token may hold part
         of a multi-byte UTF-8 character and decoding would turn it into U+FFFD (3 bytes).
         """
-        token_bytes = torch.zeros(self.get_vocab_size(), dtype=torch.int32)
+        lengths = [0] * self.get_vocab_size()
         for token, rank in self.mergeable_ranks.items():
-            token_bytes[rank] = len(token)
-        return token_bytes
+            lengths[rank] = len(token)
+        return torch.tensor(lengths, dtype=torch.int32)
 
     def content_hash(self):
         """sha256 hex digest of the pattern, the merges and the special tokens.
@@ -223,7 +223,11 @@ class RustBPETokenizer:
 
     def _to_id(self, token):
         """A special token given as its string or as its id -> the id."""
-        return self.encode_special(token) if isinstance(token, str) else int(token)
+        if isinstance(token, str):
+            return self.encode_special(token)
+        if not 0 <= token < self.get_vocab_size():
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.get_vocab_size() - 1})")
+        return int(token)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """Encode a str -> list[int], or a list[str] -> list[list[int]] (in parallel threads).
@@ -233,8 +237,8 @@ class RustBPETokenizer:
         `prepend` / `append` add one special token, given as its string or its id, to every row.
 
         Raises:
-            ValueError: `text` is neither a str nor a list of str, or prepend/append names
-                something that is not a special token.
+            ValueError: `text` is neither a str nor a list of str, or prepend/append is a
+                string that is not a special token or an id outside the vocabulary.
         """
         prepend_id = None if prepend is None else self._to_id(prepend)
         append_id = None if append is None else self._to_id(append)

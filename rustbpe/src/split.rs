@@ -39,7 +39,7 @@ pub fn count_chunks(regex: &Regex, texts: &[String], counts: &mut ChunkCounts) -
             }
             Ok(local)
         })
-        .try_reduce(FxHashMap::default, |a, b| {
+        .try_reduce(FxHashMap::default, |a, b| -> Result<_, String> {
             let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
             for (chunk, n) in small {
                 *big.entry(chunk).or_default() += n;

@@ -1,0 +1,306 @@
+"""
+Checkpoints of every training stage: save and load model + optimizer + metadata, find the
+largest model tag and the last step, and rebuild a GPT from a checkpoint.
+
+Layout (one directory per stage and model tag, under $NANOCHAT_BASE_DIR):
+    {base,mid,chatsft,chatrl}_checkpoints/<model_tag>/
+        model_<step:06d>.pt            model state_dict (rank 0)
+        optim_<step:06d>_rank<r>.pt    each rank's optimizer state
+        meta_<step:06d>.json           model config, step, user config, val bpb, dataloader
+                                       state, tokenizer hash, RNG states, ... (rank 0)
+Every file is written to a temporary name in the same directory, fsynced and renamed, and
+the meta file is written last: a step counts as saved only once its meta file exists, so a
+crash mid-save leaves the previous step as the last complete checkpoint.
+
+Not for: deciding when to save or what goes into the meta (the stage scripts do that), or
+downloading checkpoints.
+"""
+
+import base64
+import json
+import os
+import random
+import re
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir, print0
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
+
+# source name -> (directory under $NANOCHAT_BASE_DIR, the script that writes it)
+SOURCES = {
+    "base": ("base_checkpoints", "scripts.base_train"),
+    "mid": ("mid_checkpoints", "scripts.mid_train"),
+    "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
+    "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
+}
+META_PATTERN = re.compile(r"meta_(\d+)\.json")
+
+
+def _model_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+
+
+def _optim_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+
+
+def _meta_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+
+
+def _fsync_dir(dir_path):
+    """Make a rename or unlink in `dir_path` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(dir_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file next to `path`, fsync it, rename it onto `path`.
+
+    Readers see the old file or the complete new one; on an exception the temporary file is
+    removed. (After a SIGKILL it stays behind as .<name>.<pid>.tmp, which nothing reads.)
+    """
+    dir_path = os.path.dirname(path)
+    tmp_path = os.path.join(dir_path, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_dir(dir_path)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _encode_meta(meta_data):
+    """meta dict -> JSON bytes, or a TypeError that names the key that cannot be stored."""
+    for key, value in meta_data.items():
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise TypeError(f"meta_data[{key!r}] cannot be stored in the meta JSON ({e}); store plain "
+                            "numbers/str/lists/dicts (capture_rng_state() does this for RNG states)") from None
+    return json.dumps(meta_data, indent=2).encode("utf-8")
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """Save one step: model state and meta from rank 0, optimizer state from every rank.
+
+    A collective under torch.distributed: every rank calls it (it barriers before the meta
+    file, so the meta only appears once every rank's optimizer file is in place).
+
+    Args:
+        checkpoint_dir: e.g. $NANOCHAT_BASE_DIR/base_checkpoints/d20 (created if needed).
+        step: int, the number of optimizer steps taken.
+        model_data: model.state_dict() (rank 0; ignored on other ranks).
+        optimizer_data: this rank's optimizer state (anything torch.load(weights_only=True)
+            reads back: tensors, numbers, str, lists, dicts), or None to save none.
+        meta_data: JSON-able dict; must hold "model_config" (GPTConfig fields, used by
+            build_model); by convention also "user_config", "val_bpb", "dataloader_state",
+            "tokenizer_hash" (checked by build_model), "rng_state" (capture_rng_state()).
+            "step" is set to `step`.
+        rank: this process's rank.
+
+    Raises:
+        ValueError: meta_data has no "model_config".
+        TypeError: a meta_data value is not JSON-able.
+    """
+    meta_bytes = None
+    if rank == 0:
+        if "model_config" not in meta_data:
+            raise ValueError("meta_data needs a 'model_config' dict (the GPTConfig fields) so build_model can rebuild the model")
+        meta_bytes = _encode_meta({**meta_data, "step": step})
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        # saving a step again: un-mark it first, so a crash below cannot leave the old meta
+        # describing a half-replaced set of files
+        if os.path.exists(_meta_path(checkpoint_dir, step)):
+            os.unlink(_meta_path(checkpoint_dir, step))
+            _fsync_dir(checkpoint_dir)
+    _barrier()
+    if rank == 0:
+        _atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+    if optimizer_data is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        _atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+    _barrier()
+    if rank == 0:
+        _atomic_write(_meta_path(checkpoint_dir, step), lambda f: f.write(meta_bytes))
+
+
+def list_steps(checkpoint_dir):
+    """Sorted steps (ints) that have a complete checkpoint (a meta file) in `checkpoint_dir`; [] if none or no dir."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(checkpoint_dir) if (m := META_PATTERN.fullmatch(name)))
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step with a complete checkpoint (its meta file exists) in `checkpoint_dir`.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+    """
+    steps = list_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (meta_<step>.json) in {checkpoint_dir}")
+    return steps[-1]
+
+
+def find_largest_model(checkpoints_dir):
+    """The model tag (subdirectory name) to load by default from a stage's checkpoints dir.
+
+    Among the tags holding a complete checkpoint (all tags if none does): the largest depth
+    when tags look like d<depth> (d12, d20, d34), else the most recently modified one.
+
+    Raises:
+        FileNotFoundError: no subdirectory in `checkpoints_dir` (or no such directory).
+    """
+    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))] \
+        if os.path.isdir(checkpoints_dir) else []
+    if not tags:
+        raise FileNotFoundError(f"no model tags (subdirectories) in {checkpoints_dir}")
+    complete = [t for t in tags if list_steps(os.path.join(checkpoints_dir, t))]
+    tags = complete or tags
+    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """Load one step: (model_state, optimizer_state or None, meta dict).
+
+    Tensors are mapped to `device`. Files are read with torch.load(weights_only=True), so a
+    downloaded checkpoint can hold only data, never code.
+
+    Raises:
+        FileNotFoundError: `step` has no complete checkpoint (the message lists the steps that
+            do), or its model/optimizer file is missing.
+    """
+    meta_path = _meta_path(checkpoint_dir, step)
+    if not os.path.exists(meta_path):
+        steps = list_steps(checkpoint_dir)
+        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} (no {os.path.basename(meta_path)}); "
+                                f"complete steps there: {steps or 'none'}")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    paths = [_model_path(checkpoint_dir, step)] + ([_optim_path(checkpoint_dir, step, rank)] if load_optimizer else [])
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint step {step} in {checkpoint_dir} has a meta file but no {os.path.basename(path)}; "
+                                    "the directory was changed by hand; restore the file or pick another step")
+    model_data = torch.load(paths[0], map_location=device, weights_only=True)
+    optimizer_data = torch.load(paths[1], map_location=device, weights_only=True) if load_optimizer else None
+    return model_data, optimizer_data, meta
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """Rebuild the GPT of a checkpoint: (model, tokenizer, meta).
+
+    The model is built from meta["model_config"] on the meta device, materialised on
+    `device`, and loaded with strict=True (a `_orig_mod.` prefix left by torch.compile is
+    stripped). It is in train() mode for phase="train", eval() for phase="eval". The
+    tokenizer is $NANOCHAT_BASE_DIR/tokenizer, which must be the one the checkpoint was
+    trained with (same content_hash() as meta["tokenizer_hash"]).
+
+    Raises:
+        ValueError: bad phase, or the tokenizer does not match the checkpoint.
+        FileNotFoundError: see load_checkpoint.
+    """
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    tokenizer = get_tokenizer()
+    expected_hash = meta.get("tokenizer_hash")
+    if expected_hash is None:
+        print0(f"warning: {_meta_path(checkpoint_dir, step)} has no tokenizer_hash; cannot check the tokenizer matches")
+    elif tokenizer.content_hash() != expected_hash:
+        tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} (hash {tokenizer.content_hash()[:12]}) is not the one checkpoint "
+            f"{checkpoint_dir} was trained with (hash {expected_hash[:12]}); point NANOCHAT_BASE_DIR at the directory "
+            "that checkpoint came from, or retrain from base_train with the current tokenizer")
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # recomputes the non-persistent buffers (rotary tables) that the state dict lacks
+    model.load_state_dict(model_data, strict=True)
+    model.train(phase == "train")
+    return model, tokenizer, meta
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """Load a stage's model: (model, tokenizer, meta), and print which file it loaded.
+
+    Args:
+        source: "base", "mid", "sft" or "rl".
+        device, phase: as in build_model.
+        model_tag: e.g. "d20"; default: find_largest_model.
+        step: default: find_last_step.
+
+    Raises:
+        ValueError: unknown source, or see build_model.
+        FileNotFoundError: no checkpoints for the source / tag / step; the message names the
+            script that writes them or lists the available steps.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown checkpoint source {source!r}; pick one of {sorted(SOURCES)}")
+    dir_name, script = SOURCES[source]
+    checkpoints_dir = os.path.join(get_base_dir(), dir_name)
+    tags = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
+    complete_tags = sorted(t for t in tags if list_steps(os.path.join(checkpoints_dir, t)))
+    if not complete_tags:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints_dir}; run `python -m {script}` first")
+    if model_tag is None:
+        model_tag = find_largest_model(checkpoints_dir)
+    if model_tag not in complete_tags:
+        raise FileNotFoundError(f"no checkpoints for model tag {model_tag!r} in {checkpoints_dir}; tags with "
+                                f"checkpoints: {complete_tags}; pass one of them as --model-tag")
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase)
+    print0(f"Loaded {source} model {model_tag} step {step} from {_model_path(checkpoint_dir, step)}")
+    return model, tokenizer, meta
+
+
+def capture_rng_state():
+    """The Python, torch CPU and (when initialised) CUDA RNG states as a JSON-able dict, for meta["rng_state"].
+
+    CUDA: the current device's generator. Torch states are base64 strings of their bytes.
+    """
+    version, internal, gauss_next = random.getstate()
+    state = {"python": [version, list(internal), gauss_next],
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode("ascii")
+    return state
+
+
+def restore_rng_state(state):
+    """Set the RNGs from a capture_rng_state() dict (the CUDA one only when CUDA is available)."""
+    def to_tensor(b64):
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(to_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(to_tensor(state["cuda"]))

@@ -1,0 +1,303 @@
+"""
+The GPT Transformer nanochat trains: config, modules in data-flow order, FLOPs estimate and
+the optimizer split (AdamW for embeddings/lm_head, Muon for the block matrices).
+
+Features: rotary position embedding (no learned positions), QK-norm, parameter-free RMSNorm,
+ReLU² MLP, no biases, untied embedding/lm_head, fp32 logit softcap, grouped-query attention,
+and an optional KV cache (nanochat.engine.KVCache) for inference.
+
+Not for: sampling loops and the KV cache itself (engine.py), the optimizers' maths (muon.py,
+adamw.py), mixed-precision policy (the caller wraps forward in torch.autocast).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from nanochat.adamw import DistAdamW
+from nanochat.muon import DistMuon, Muon
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048  # training context length, tokens
+    vocab_size: int = 65536  # the tokenizer's vocabulary (lm_head/wte are padded beyond it)
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head); must divide n_head
+    n_embd: int = 768
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size=65536, sequence_len=2048):
+        """The single "depth dial": width and heads derived from the number of layers.
+
+        n_embd = 64 * depth and n_head = ceil(n_embd / 128), i.e. head_dim 128 for every even
+        depth (d20: 1280 wide, 10 heads). For odd depths 64*depth is not a multiple of
+        ceil(n_embd/128); n_head is then raised to the next count that divides n_embd
+        (d5: 320 wide, 4 heads of 80), so head_dim stays <= 128. n_kv_head = n_head.
+
+        Raises:
+            ValueError: depth < 1.
+        """
+        if depth < 1:
+            raise ValueError(f"--depth must be >= 1, got {depth}")
+        n_embd = 64 * depth
+        n_head = math.ceil(n_embd / 128)
+        while n_embd % n_head != 0:
+            n_head += 1
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+def padded_vocab_size(vocab_size, multiple=64):
+    """Round the vocabulary up to a multiple of 64 so the lm_head matmul tiles cleanly on GPUs."""
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the last dim (eps: torch's default, finfo(dtype).eps)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles (RoPE).
+
+    Su et al. 2021, "RoFormer", https://arxiv.org/abs/2104.09864 (the half-split pairing used by
+    GPT-NeoX/Llama rather than interleaved pairs). x: (B, T, H, D); cos, sin: (1, T, 1, D/2).
+    """
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x2 * cos - x1 * sin
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+def attention_mask(t_query, t_key, device):
+    """Boolean (t_query, t_key) mask for queries at the last t_query of t_key positions.
+
+    Query i sits at absolute position t_key - t_query + i and may attend to keys <= it.
+    """
+    offset = t_key - t_query
+    q_pos = torch.arange(t_query, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(t_key, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        assert config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert self.head_dim % 2 == 0, "RoPE rotates pairs of channels"
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        # QK-norm bounds the attention logits so no layer can blow up its softmax
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_cached + T, D)
+        t_key = k.size(2)
+        gqa = self.n_kv_head != self.n_head
+        if T == t_key:  # training, or a prefill into an empty cache: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif T == 1:  # one-token decode: the query is the newest position and sees every key
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:  # several new tokens after a cached prefix: causal with an offset
+            mask = attention_mask(T, t_key, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * head_dim)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4 * n_embd)
+        x = F.relu(x).square()  # ReLU², So et al. 2021 "Primer", https://arxiv.org/abs/2109.08668
+        return self.c_proj(x)  # (B, T, n_embd)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The Transformer. Build, then call init_weights() (the trainer builds under
+    torch.device("meta"), calls to_empty(device=...), then init_weights(); a checkpoint loader
+    does the same and then load_state_dict). Until init_weights() runs the weights and the
+    rotary tables are not meaningful.
+    """
+
+    softcap = 15.0  # logit soft cap, Gemma 2 (https://arxiv.org/abs/2408.00118)
+    rotary_base = 10000.0
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.padded_vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        # 10x the training context so chat/inference can run past it without a resize
+        self.rotary_seq_len = config.sequence_len * 10
+        # Filled by init_weights (arithmetic on the meta device costs ~15 s of one-off imports).
+        # Non-persistent: derived data, never in checkpoints.
+        table_shape = (1, self.rotary_seq_len, 1, config.n_embd // config.n_head // 2)
+        self.register_buffer("cos", torch.empty(table_shape), persistent=False)
+        self.register_buffer("sin", torch.empty(table_shape), persistent=False)
+
+    def _precompute_rotary(self, seq_len, device=None):
+        """cos, sin tables of shape (1, seq_len, 1, head_dim/2); bf16 on CUDA, fp32 elsewhere."""
+        head_dim = self.config.n_embd // self.config.n_head
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (self.rotary_base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (seq_len, head_dim/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        if cos.device.type == "cuda":  # halves the tables' traffic; the rotated q/k are bf16 under autocast anyway
+            cos, sin = cos.bfloat16(), sin.bfloat16()
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter in place and (re)compute the rotary tables.
+
+        - wte: normal, std 1 (the RMSNorm right after it removes the scale anyway).
+        - lm_head: normal, std 0.001, so the first logits are ~0 and the loss starts at ln(V).
+        - attention q/k/v and mlp c_fc: uniform(-a, a) with a = sqrt(3/fan_in), i.e. std
+          1/sqrt(fan_in): unit-variance outputs for unit-RMS inputs (which RMSNorm guarantees).
+          Uniform rather than normal because it has no tails, at the same variance.
+        - attention c_proj and mlp c_proj: zero, so every block starts as the identity and the
+          residual stream is just the embedding at step 0.
+        """
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                bound = math.sqrt(3.0 / linear.in_features)
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device=self.lm_head.weight.device)
+
+    def num_scaling_params(self):
+        """Number of parameters N, counting all of them: wte, lm_head (padded rows included) and
+        the block matrices. This is upstream nanochat's N for "tokens = 20 x N" (Chinchilla).
+        """
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward) at sequence_len.
+
+        6 * (all params except wte) for the matmuls (2 forward + 4 backward per weight per
+        token; the embedding is a lookup, lm_head is a matmul and counts), plus attention's
+        12 * n_layer * n_head * head_dim * sequence_len (QK^T and AV, 2 FLOPs per MAC, x3 for
+        backward). Kaplan et al. 2020 (https://arxiv.org/abs/2001.08361) section 2.1; PaLM
+        (https://arxiv.org/abs/2204.02311) appendix B. Causal masking is not discounted.
+        """
+        n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wte.weight.numel()
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
+                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
+        """Return [adamw, muon]: AdamW on wte and lm_head, Muon on every 2-D block matrix.
+
+        The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
+        Every param group gets "initial_lr" = its lr, so an LR schedule sets
+        group["lr"] = group["initial_lr"] * multiplier. With torch.distributed initialised and
+        world_size > 1 the ZeRO-style DistAdamW/DistMuon are returned: they average gradients
+        across ranks inside step(), so the model must not be wrapped in DDP.
+        """
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        lm_head_params = list(self.lm_head.parameters())
+        assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            dict(params=lm_head_params, lr=unembedding_lr * scale),
+            dict(params=embedding_params, lr=embedding_lr * scale),
+        ]
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        adamw_kwargs = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        if distributed:
+            adamw = DistAdamW(adam_groups, **adamw_kwargs)
+            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+        else:
+            fused = self.lm_head.weight.device.type == "cuda"
+            adamw = torch.optim.AdamW(adam_groups, fused=fused, **adamw_kwargs)
+            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx: (B, T) int64 token ids.
+
+        Returns fp32 logits (B, T, vocab_size) when targets is None; otherwise the
+        cross-entropy loss against targets (B, T) int64, where -1 marks positions to ignore:
+        a scalar for loss_reduction "mean" (over non-ignored positions) or "sum", and (B, T)
+        per-position losses (0 where ignored) for "none". With kv_cache (engine.KVCache), idx
+        continues the cached sequence: its tokens sit at positions kv_cache.get_pos() onwards.
+
+        Raises:
+            ValueError: the sequence runs past the rotary tables (10 x sequence_len).
+        """
+        B, T = idx.size()
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if t0 + T > self.cos.size(1):
+            raise ValueError(f"position {t0 + T} is past the rotary tables ({self.cos.size(1)} = 10 x sequence_len)")
+        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
+        logits = logits.float()  # (B, T, vocab_size), softcap and loss in fp32
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(B, T)
+        return loss

@@ -1,0 +1,306 @@
+"""
+Pretrain the base model: tokens from the pretraining shards in, a GPT checkpoint out.
+
+    python -m scripts.base_train --depth 20                       # one GPU, or the CPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train  # several GPUs (gloo on CPU)
+    python -m scripts.base_train --depth 20 --resume               # continue a killed run
+
+Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>/. A resumed run restores the
+model, the optimizer state, the LR schedule position, the data loader position and the RNG, so
+it continues exactly where the killed run was (bit-identical on CPU).
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load_checkpoint, restore_rng_state,
+                                         save_checkpoint)
+from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
+                             get_peak_flops, init_wandb, print0)
+from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (ProgressMeter, format_duration, get_lr_multiplier, get_muon_momentum,
+                               set_lr_and_momentum)
+
+# -----------------------------------------------------------------------------
+# Flags
+parser = ArgumentParser(description="Pretrain the base model")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+# model
+parser.add_argument("--depth", type=int, default=20, help="number of layers; width = 64 x depth")
+parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
+# horizon: the first of these that is set (> 0) wins
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
+parser.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: unused)")
+parser.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
+# batch
+parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
+parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+# optimizers and schedule
+parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
+parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
+parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
+parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the initial")
+# evaluation, sampling, checkpoints
+parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
+parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: off)")
+parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
+parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Compute setup
+try:
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(args.device_type)
+except ValueError as e:
+    sys.exit(f"base_train: {e}")
+master_process = ddp_rank == 0
+device_type = device.type
+dtype = autodetect_dtype(device_type)
+autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+use_compile = args.compile if args.compile is not None else device_type == "cuda"
+wandb_run = init_wandb(args.run, "nanochat", user_config, ddp_rank)
+print0(f"device: {device} x {ddp_world_size} | dtype: {dtype} | compile: {use_compile}")
+
+# Tokenizer
+try:
+    tokenizer = get_tokenizer()
+except FileNotFoundError as e:
+    sys.exit(f"base_train: {e}")
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+
+# -----------------------------------------------------------------------------
+# Model
+try:
+    model_config = GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len)
+except ValueError as e:
+    sys.exit(f"base_train: {e}")
+with torch.device("meta"):
+    model = GPT(model_config)
+model.to_empty(device=device)
+model.init_weights()
+orig_model = model  # the uncompiled module: its state_dict has clean names, and it handles variable shapes
+num_params = model.num_scaling_params()
+flops_per_token = model.estimate_flops()
+model_tag = args.model_tag or f"d{args.depth}"
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+
+# Batch: gradient accumulation makes up total_batch_size from device batches on every process
+tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * ddp_world_size
+if args.total_batch_size % world_tokens_per_fwdbwd != 0:
+    sys.exit(f"base_train: --total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
+             f"--max-seq-len x processes = {args.device_batch_size} x {args.max_seq_len} x {ddp_world_size} = "
+             f"{world_tokens_per_fwdbwd}; pick sizes that divide it")
+grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+
+# Horizon
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+    horizon = "--num-iterations"
+elif args.target_flops > 0:
+    num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
+    horizon = f"--target-flops {args.target_flops:e}"
+elif args.target_param_data_ratio > 0:
+    num_iterations = int(args.target_param_data_ratio * num_params) // args.total_batch_size
+    horizon = f"--target-param-data-ratio {args.target_param_data_ratio}"
+else:
+    sys.exit("base_train: set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
+if num_iterations < 1:
+    sys.exit(f"base_train: the horizon ({horizon}) gives {num_iterations} steps; raise it or lower --total-batch-size")
+total_tokens = args.total_batch_size * num_iterations
+
+# Optimizers
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+
+# -----------------------------------------------------------------------------
+# Resume: model, optimizer, schedule position, data position, RNG
+start_step = 0
+loader_state = None  # where the next batch starts; None = the beginning of the data
+loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+if args.resume or args.resume_from_step >= 0:
+    try:
+        resume_step = args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir)
+        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                       rank=ddp_rank)
+    except FileNotFoundError as e:
+        sys.exit(f"base_train: cannot resume: {e}. Drop --resume to start a new run.")
+    if meta["model_config"] != model_config.__dict__:
+        sys.exit(f"base_train: cannot resume: checkpoint {checkpoint_dir} step {resume_step} is a {meta['model_config']} "
+                 f"model but the flags give {model_config.__dict__}; use the same --depth/--max-seq-len and tokenizer")
+    if meta.get("tokenizer_hash") != tokenizer.content_hash():
+        sys.exit("base_train: cannot resume: the tokenizer changed since the checkpoint was written")
+    if meta["num_iterations"] != num_iterations or meta["total_batch_size"] != args.total_batch_size:
+        print0(f"warning: resuming a run planned for {meta['num_iterations']} steps of {meta['total_batch_size']} tokens "
+               f"with {num_iterations} steps of {args.total_batch_size} tokens: the LR schedule changes")
+    orig_model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
+    for opt, state in zip(optimizers, optim_data):
+        opt.load_state_dict(state)
+    start_step = resume_step
+    loader_state = meta["dataloader_state"]
+    loop_state = meta["loop_state"]
+    restore_rng_state(meta["rng_state"])
+    del model_data, optim_data
+    print0(f"resumed from {checkpoint_dir} step {resume_step}")
+
+if use_compile:
+    model = torch.compile(model, dynamic=False)
+
+# Data
+train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", device=device,
+                                                  resume_state_dict=loader_state)
+
+
+def build_val_loader():
+    return without_state(tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "val",
+                                                            device=device))
+
+
+# -----------------------------------------------------------------------------
+# The plan
+print0(f"model: {model_tag} | depth {args.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
+       f"vocab {vocab_size} | seq {args.max_seq_len}")
+print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
+print0(f"batch: {args.total_batch_size:,} tokens per step = {args.device_batch_size} x {args.max_seq_len} x "
+       f"{ddp_world_size} processes x {grad_accum_steps} accumulation steps")
+print0(f"horizon ({horizon}): {num_iterations:,} steps, {total_tokens:,} tokens "
+       f"({total_tokens / num_params:.1f} tokens per parameter), {flops_per_token * total_tokens:e} FLOPs")
+if args.core_metric_every > 0:
+    print0("CORE metric: not available yet (base_eval lands with the chat stages); --core-metric-every is ignored")
+
+meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
+                      peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
+
+
+def save(step):
+    """Checkpoint after `step` optimizer steps (every rank calls this)."""
+    meta = {
+        "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
+        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "dataloader_state": loader_state,
+        "loop_state": loop_state, "rng_state": capture_rng_state(), "tokenizer_hash": tokenizer.content_hash(),
+        "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+    }
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=ddp_rank)
+    print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+
+# -----------------------------------------------------------------------------
+# Training loop. Iteration `step` first evaluates/samples/saves the model as it is after
+# `step` optimizer steps, then (unless it is the last) takes optimizer step number step+1.
+val_bpb = None
+x, y, next_loader_state = next(train_loader)  # prefetch the first batch
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+
+    # val bpb
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        model.eval()
+        eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
+        with autocast_ctx:
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+        loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+
+    # samples
+    if master_process and (last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+        orig_model.eval()
+        engine = Engine(orig_model, tokenizer)
+        for prompt in ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
+                       "If yesterday was Friday, then tomorrow will be", "The planets of the solar system are:"]:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            with autocast_ctx:
+                results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+            print0(f"sample: {tokenizer.decode(results[0][1:])!r}")
+        orig_model.train()
+
+    # checkpoint
+    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        save(step)
+
+    if last_step:
+        break
+
+    # one optimizer step: grad_accum_steps forward/backward passes
+    synchronize()
+    meter.start()
+    for micro_step in range(grad_accum_steps):
+        with autocast_ctx:
+            loss = model(x, y)
+        train_loss = loss.detach()
+        (loss / grad_accum_steps).backward()
+        loader_state = next_loader_state  # the data up to here is consumed
+        x, y, next_loader_state = next(train_loader)  # prefetch while the device works
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
+    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    set_lr_and_momentum(optimizers, lrm, get_muon_momentum(step))
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    synchronize()
+    dt = meter.stop(step)
+    loop_state["total_training_time"] += dt
+
+    # log (the loss of the last micro-batch, smoothed; rank 0's view)
+    train_loss_f = train_loss.item()
+    if not math.isfinite(train_loss_f):
+        sys.exit(f"base_train: the loss became {train_loss_f} at step {step + 1}; lower the learning rates or "
+                 f"resume from an earlier checkpoint with --resume-from-step")
+    ema_beta = 0.9
+    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
+    debiased = loop_state["smooth_train_loss"] / (1 - ema_beta ** (step + 1))
+    print0(meter.line(step, debiased, lrm, dt))
+    mfu = meter.mfu(dt)
+    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                   "train/tok_per_sec": meter.tokens_per_second(dt), **({"train/mfu": mfu} if mfu else {})})
+
+# -----------------------------------------------------------------------------
+# Summary and report
+sps = meter.seconds_per_step()
+mfu = meter.mfu(sps) if sps else None
+peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
+print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: "
+       f"{loop_state['min_val_bpb']:.4f} | peak memory: {f'{peak_mem:.1f} GiB' if peak_mem else 'n/a'}")
+get_report().log("Base model training", [
+    user_config,
+    {"parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:e}", "steps": num_iterations,
+     "tokens": f"{total_tokens:,}", "tokens per parameter": total_tokens / num_params,
+     "processes": ddp_world_size, "grad accumulation steps": grad_accum_steps, "device": str(device),
+     "training FLOPs": f"{flops_per_token * total_tokens:e}",
+     "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
+     "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
+     "tok/s (steady state)": f"{args.total_batch_size / sps:,.0f}" if sps else "n/a",
+     "training time": format_duration(loop_state["total_training_time"]),
+     "peak memory": f"{peak_mem:.2f} GiB" if peak_mem else "n/a"},
+])
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,205 @@
+"""Tests for nanochat/dataloader.py on tiny parquet shards written into a temporary base dir."""
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
+
+BOS = 256
+ROWS_PER_GROUP = 3
+
+
+class ByteTokenizer:
+    """Byte-level stand-in with the tokenizer's batch interface: token id = byte value, BOS = 256."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, texts, prepend=None, num_threads=8):
+        assert isinstance(texts, list) and prepend == BOS
+        self.calls += 1
+        return [[prepend] + list(text.encode("utf-8")) for text in texts]
+
+
+def make_shards(base_dir, num_shards=3, row_groups=(4, 3, 2)):
+    """Write shard_XXXXX.parquet files of short, varied documents; return the docs as [shard][row_group][doc]."""
+    rng = random.Random(0)
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir(parents=True)
+    shards = []
+    for s in range(num_shards):
+        groups = [[f"s{s}g{g}d{d}:" + "é" * rng.randint(0, 3) + "x" * rng.randint(0, 12)
+                   for d in range(ROWS_PER_GROUP)] for g in range(row_groups[s])]
+        table = pa.table({"text": [doc for group in groups for doc in group]})
+        pq.write_table(table, data_dir / f"shard_{s:05d}.parquet", row_group_size=ROWS_PER_GROUP)
+        assert pq.ParquetFile(data_dir / f"shard_{s:05d}.parquet").num_row_groups == row_groups[s]
+        shards.append(groups)
+    return shards
+
+
+def expected_stream(shards, rank=0, world_size=1, epochs=3):
+    """The token stream one rank should see: its row groups (rank, rank+W, ...) of each shard, in order."""
+    stream = []
+    for _ in range(epochs):
+        for groups in shards:
+            for group in groups[rank::world_size]:
+                for doc in group:
+                    stream += [BOS] + list(doc.encode("utf-8"))
+    return stream
+
+
+@pytest.fixture
+def shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return make_shards(tmp_path)
+
+
+def make_loader(B=2, T=5, split="train", **kwargs):
+    kwargs.setdefault("tokenizer", ByteTokenizer())
+    kwargs.setdefault("rank", 0)
+    kwargs.setdefault("world_size", 1)
+    kwargs.setdefault("tokenizer_batch_size", 2)
+    return tokenizing_distributed_data_loader(B, T, split, device="cpu", **kwargs)
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_batches_are_the_document_stream_with_bos_before_every_document(shards):
+    B, T = 2, 5
+    stream = expected_stream(shards[:-1])  # train = all shards but the last
+    loader = make_loader(B, T)
+    num_batches = (len(stream) - 1) // (B * T)
+    for k, (inputs, targets, state) in enumerate(take(loader, num_batches)):
+        assert inputs.shape == targets.shape == (B, T)
+        assert inputs.dtype == targets.dtype == torch.int64 and inputs.device.type == "cpu"
+        start = k * B * T
+        assert inputs.flatten().tolist() == stream[start:start + B * T]
+        assert targets.flatten().tolist() == stream[start + 1:start + B * T + 1]
+    assert state["epoch"] == 2  # the stream of 3 epochs was used up: the loader looped over the data
+
+
+def test_val_split_reads_only_the_last_shard(shards):
+    stream = expected_stream(shards[-1:])
+    inputs, targets, state = next(make_loader(2, 5, split="val"))
+    assert inputs.flatten().tolist() == stream[:10]
+    assert state["shard_index"] == 0  # indexes the val split's shards
+
+
+def test_two_loaders_yield_identical_batches(shards):
+    a, b = make_loader(), make_loader(tokenizer_batch_size=5)  # tokenizer batching must not matter
+    for (xa, ya, sa), (xb, yb, sb) in zip(take(a, 20), take(b, 20)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and sa == sb
+
+
+@pytest.mark.parametrize("B,T", [(1, 3), (2, 5), (3, 16)])
+def test_resume_after_every_batch_continues_exactly(shards, B, T):
+    num = int(1.3 * len(expected_stream(shards[:-1], epochs=1)) / (B * T)) + 4  # past the first epoch
+    reference = take(make_loader(B, T), num)
+    positions = set()
+    for k in range(1, num - 3):
+        state = reference[k - 1][2]
+        positions.add((state["epoch"], state["shard_index"], state["row_group_index"], state["token_offset"] > 0))
+        resumed = make_loader(B, T, resume_state_dict=dict(state), tokenizer_batch_size=3)
+        for (x, y, s), (rx, ry, rs) in zip(reference[k:k + 3], take(resumed, 3)):
+            assert torch.equal(x, rx) and torch.equal(y, ry) and s == rs
+    # the resume points crossed row groups, shards and epochs, mid-document and at document starts
+    assert len({p[1] for p in positions}) == 2 and len({p[2] for p in positions}) >= 4
+    assert len({p[0] for p in positions}) >= 2 and True in {p[3] for p in positions}
+    if B * T <= 10:  # small windows also end exactly at document starts (token_offset 0)
+        assert False in {p[3] for p in positions}
+
+
+def test_state_is_json_able_ints(shards):
+    _, _, state = next(make_loader())
+    assert all(type(v) is int for v in state.values())
+
+
+def test_ranks_read_disjoint_strided_row_groups(shards):
+    B, T = 2, 4
+    seen_docs = []
+    for rank in range(2):
+        stream = expected_stream(shards[:-1], rank=rank, world_size=2)
+        loader = make_loader(B, T, rank=rank, world_size=2)
+        for k, (inputs, _, state) in enumerate(take(loader, 15)):
+            assert inputs.flatten().tolist() == stream[k * B * T:(k + 1) * B * T]
+            assert state["row_group_index"] % 2 == rank
+        seen_docs.append({doc for groups in shards[:-1] for group in groups[rank::2] for doc in group})
+    assert not seen_docs[0] & seen_docs[1]
+    assert seen_docs[0] | seen_docs[1] == {doc for groups in shards[:-1] for group in groups for doc in group}
+
+
+def test_resume_state_of_another_rank_is_refused(shards):
+    _, _, state = next(make_loader(rank=1, world_size=2))
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        next(make_loader(rank=0, world_size=2, resume_state_dict=state))
+    with pytest.raises(ValueError, match="lacks"):
+        next(make_loader(resume_state_dict={"shard_index": 0}))
+
+
+def test_resume_state_that_does_not_fit_the_data_is_refused(shards):
+    _, _, state = next(make_loader())
+    with pytest.raises(ValueError, match="token_offset"):
+        next(make_loader(resume_state_dict={**state, "token_offset": 10_000}))
+    with pytest.raises(ValueError, match="shards in base_data/ changed"):
+        next(make_loader(resume_state_dict={**state, "shard_index": 7}))
+
+
+def test_more_ranks_than_row_groups_is_an_error(shards):
+    with pytest.raises(ValueError, match="rank 5 of 6 has no documents"):
+        next(make_loader(rank=5, world_size=6))
+
+
+def test_no_shards_names_the_dataset_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset --offline"):
+        next(make_loader())
+
+
+def test_single_shard_has_val_but_no_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    make_shards(tmp_path, num_shards=1)
+    assert next(make_loader(split="val"))[0].shape == (2, 5)
+    with pytest.raises(FileNotFoundError, match="at least 2 shards"):
+        next(make_loader(split="train"))
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        next(make_loader(split="test"))
+
+
+def test_without_state_yields_pairs(shards):
+    pairs = take(without_state(make_loader()), 2)
+    triples = take(make_loader(), 2)
+    for (x, y), (tx, ty, _) in zip(pairs, triples):
+        assert torch.equal(x, tx) and torch.equal(y, ty)
+
+
+def test_real_tokenizer_prepends_bos_to_every_document(shards):
+    from nanochat.tokenizer import RustBPETokenizer
+    docs = [doc for groups in shards[:-1] for group in groups for doc in group]
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(docs * 3), 300)
+    bos = tokenizer.get_bos_token_id()
+    stream = []
+    for doc in docs:
+        stream += [bos] + tokenizer.encode(doc)
+    loader = make_loader(2, 8, tokenizer=tokenizer, tokenizer_threads=2)
+    got = []
+    while len(got) < len(stream):
+        got += next(loader)[0].flatten().tolist()
+    assert got[:len(stream)] == stream
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_match_cpu_batches(shards):
+    cpu = take(make_loader(), 5)
+    gpu = take(tokenizing_distributed_data_loader(2, 5, "train", device="cuda", tokenizer=ByteTokenizer(),
+                                                  rank=0, world_size=1, tokenizer_batch_size=2), 5)
+    for (x, y, s), (gx, gy, gs) in zip(cpu, gpu):
+        assert gx.device.type == "cuda" and torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu()) and s == gs

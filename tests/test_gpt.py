@@ -1,0 +1,195 @@
+"""Tests for nanochat/gpt.py: sizes, FLOPs, masking, KV-cache equivalence, loss and logits."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.engine import KVCache
+from nanochat.gpt import GPT, GPTConfig, padded_vocab_size
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    return model
+
+
+def meta_model(config):
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def randomize_residual_projections(model, seed=1):
+    """init_weights zeroes c_proj, which would make every block the identity; give them values
+    so the tests below see real attention/MLP outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.size(1)))
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * 0.5)
+
+
+def expected_params(config):
+    d, L = config.n_embd, config.n_layer
+    head_dim = d // config.n_head
+    v = padded_vocab_size(config.vocab_size)
+    attn = d * config.n_head * head_dim * 2 + d * config.n_kv_head * head_dim * 2  # q, proj; k, v
+    mlp = 8 * d * d
+    return 2 * v * d + L * (attn + mlp)
+
+
+TINY = GPTConfig(sequence_len=32, vocab_size=101, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 5, 8, 12])
+def test_param_count_matches_closed_form(depth):
+    config = GPTConfig.from_depth(depth, vocab_size=50000, sequence_len=256)
+    assert config.n_embd == 64 * depth
+    assert config.n_embd % config.n_head == 0 and config.n_embd // config.n_head <= 128
+    assert meta_model(config).num_scaling_params() == expected_params(config)
+
+
+def test_param_count_with_gqa_and_padding():
+    assert padded_vocab_size(101) == 128
+    assert meta_model(TINY).num_scaling_params() == expected_params(TINY)
+
+
+def test_d20_is_561m_params():
+    config = GPTConfig.from_depth(20, vocab_size=65536, sequence_len=2048)
+    assert (config.n_embd, config.n_head, config.n_kv_head) == (1280, 10, 10)
+    n = meta_model(config).num_scaling_params()
+    assert abs(n - 561e6) / 561e6 < 0.005, n
+
+
+def test_estimate_flops_formula():
+    config = GPTConfig.from_depth(4, vocab_size=1000, sequence_len=128)
+    model = meta_model(config)
+    non_embedding = model.num_scaling_params() - model.transformer.wte.weight.numel()
+    attention = 12 * config.n_layer * config.n_head * (config.n_embd // config.n_head) * config.sequence_len
+    assert model.estimate_flops() == 6 * non_embedding + attention
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, TINY.vocab_size, (2, 6))
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    full = model(idx)  # (3, 20, V)
+    cache = KVCache(batch_size=3, num_layers=TINY.n_layer, max_seq_len=8)  # small: forces growth
+    pieces = [model(idx[:, :12], kv_cache=cache)]  # prefill
+    pieces.append(model(idx[:, 12:15], kv_cache=cache))  # a chunk of 3 after the prefix
+    for t in range(15, 20):  # then single tokens
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.get_pos() == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_expand_continues_each_row_independently():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    prompt = torch.randint(0, TINY.vocab_size, (1, 9))
+    cache = KVCache(1, TINY.n_layer, 16)
+    model(prompt, kv_cache=cache)
+    wide = cache.expand(2)
+    nxt = torch.tensor([[3], [7]])
+    got = model(nxt, kv_cache=wide)[:, 0]  # (2, V)
+    want = model(torch.cat([prompt.expand(2, -1), nxt], dim=1))[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_minus_one_targets_and_reductions_agree():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    targets = torch.randint(0, TINY.vocab_size, (2, 8))
+    targets[0, :3] = -1
+    per_pos = model(idx, targets, loss_reduction="none")
+    assert per_pos.shape == (2, 8)
+    assert torch.all(per_pos[0, :3] == 0) and torch.all(per_pos[0, 3:] > 0)
+    valid = targets != -1
+    torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), per_pos.sum())
+    torch.testing.assert_close(model(idx, targets), per_pos.sum() / valid.sum())
+    # the ignored positions' targets do not matter
+    other = targets.clone()
+    other[0, :3] = -1
+    other[1, 0] = -1
+    torch.testing.assert_close(model(idx, other, loss_reduction="none")[0], per_pos[0])
+    # and the mean equals the cross-entropy of the returned logits
+    logits = model(idx)
+    ce = torch.nn.functional.cross_entropy(logits[valid], targets[valid])
+    torch.testing.assert_close(model(idx, targets), ce)
+
+
+def test_logits_have_vocab_size_columns_in_fp32_and_softcap_bounds_them():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)  # huge raw logits: only the cap keeps them in range
+    logits = model(torch.randint(0, TINY.vocab_size, (2, 8)))
+    assert logits.shape == (2, 8, TINY.vocab_size) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0
+    assert logits.abs().max() > 14.0
+
+
+def test_initial_loss_is_uniform_over_vocab():
+    model = build(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (4, 16))
+    loss = model(idx, idx)
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.05
+
+
+def test_meta_build_then_to_empty_then_init_weights():
+    with torch.device("meta"):
+        model = GPT(TINY)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = build(TINY)
+    torch.testing.assert_close(model.cos, reference.cos)
+    assert torch.all(model.transformer.h[0].attn.c_proj.weight == 0)
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.1
+    assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
+
+
+def test_backward_reaches_every_parameter():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    model(idx, idx).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_setup_optimizers_groups_and_initial_lr():
+    config = GPTConfig.from_depth(4, vocab_size=200, sequence_len=32)  # n_embd 256
+    model = build(config)
+    adamw, muon = model.setup_optimizers()
+    scale = (256 / 768) ** -0.5
+    assert sorted(g["lr"] for g in adamw.param_groups) == pytest.approx(sorted([0.004 * scale, 0.2 * scale]))
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    adam_params = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert muon_params.isdisjoint(adam_params)
+    assert len(muon_params) + len(adam_params) == len(list(model.parameters()))
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    for opt in (adamw, muon):
+        for g in opt.param_groups:
+            assert g["initial_lr"] == g["lr"]
+
+
+def test_sequence_longer_than_rotary_tables_raises():
+    model = build(GPTConfig(sequence_len=2, vocab_size=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="rotary"):
+        model(torch.zeros(1, 21, dtype=torch.long))
