@@ -22,6 +22,7 @@ import json
 import math
 import time
 import random
+import resource
 import hashlib
 import argparse
 import tempfile
@@ -441,10 +442,12 @@ def list_man_items(root):
     return [tuple(paths[i:i + MAN_BATCH]) for i in range(0, len(paths), MAN_BATCH)]
 
 
-# -t: tables (tbl), -k -Kutf-8: UTF-8 input (preconv), -P-c -P-b -P-u: plain text, no escape sequences,
-# bold or underline. The prelude makes every page (.TH) ragged-right and unhyphenated.
-GROFF_ARGS = ["-t", "-k", "-Kutf-8", "-mandoc", "-Tutf8", "-P-c", "-P-b", "-P-u"]
-MAN_PRELUDE = b".am TH\n.ad l\n.nh\n..\n"
+# -t: tables (tbl), -k -Kutf-8: UTF-8 input (preconv), -man: the Linux man-pages are all man(7) (with -mandoc
+# the macros load at the first .TH, after the prelude), -P-c -P-b -P-u: plain text, no escape sequences, bold
+# or underline. The prelude sets ragged-right text without hyphenation and then turns the requests .ad and .hy
+# into no-ops, so neither the macros nor a page (many switch adjusting back on after their SYNOPSIS) undo it.
+GROFF_ARGS = ["-t", "-k", "-Kutf-8", "-man", "-Tutf8", "-P-c", "-P-b", "-P-u"]
+MAN_PRELUDE = b".ad l\n.nh\n.de ad\n..\n.de hy\n..\n"
 MAN_PAGE_END = "NANOCHAT-MAN-PAGE-END"
 OVERSTRIKE = re.compile(r".\x08")
 
@@ -464,7 +467,7 @@ def render_man_pages(root, sources):
     (it ends inside a macro definition, say), every page is rendered on its own instead.
     """
     separator = f"\n.nf\n.in 0\n{MAN_PAGE_END}\n.fi\n".encode()
-    pieces = re.split(rf"^{MAN_PAGE_END}$", run_groff(root, b"".join(s + separator for s in sources)), flags=re.M)
+    pieces = re.split(rf"^[ \t]*{MAN_PAGE_END}[ \t]*$", run_groff(root, b"".join(s + separator for s in sources)), flags=re.M)
     if len(pieces) == len(sources) + 1:  # the last piece holds the footer of the last page
         return [normalize_text(piece).partition("\n")[2] for piece in pieces[:-1]]
     pages = []
@@ -554,12 +557,18 @@ SOURCES = [
 OFFLINE_PACKAGES = sorted({p for source in SOURCES for p in source.packages})
 
 
+def cpu_seconds():
+    """CPU time (user + system) of this process and of the programs it ran (groff, bible), in seconds."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def read_source_item(task):
-    """Worker: (source index, root, item) -> (documents kept, seconds)."""
+    """Worker: (source index, root, item) -> (documents kept, CPU seconds)."""
     source_index, root, item = task
-    t0 = time.time()
+    t0 = cpu_seconds()
     docs = [d for d in SOURCES[source_index].read(root, item) if keep_document(d)]
-    return docs, time.time() - t0
+    return docs, cpu_seconds() - t0
 
 
 def install_command(packages):
@@ -682,8 +691,8 @@ def build_offline_corpus(data_dir=None, root="/", allow_partial=False, force=Fal
             remaining[owner] -= 1
             if remaining[owner] == 0:
                 docs = docs_by_source[owner]
-                print0(f"{owner:>18}: {len(docs):>6,} documents {sum(map(len, docs)) / 1e6:6.1f} MB "
-                       f"{seconds_by_source[owner]:5.1f} s (CPU time in workers)")
+                print0(f"{owner:>18}: {len(docs):>6,} documents {sum(len(d.encode()) for d in docs) / 1e6:6.1f} MB "
+                       f"{seconds_by_source[owner]:5.1f} s CPU")
 
     # deduplicate across sources (first occurrence wins), then shuffle
     seen, corpus, stats = set(), [], {}

@@ -169,13 +169,15 @@ class GPT(nn.Module):
         self.config = config
         self.padded_vocab_size = padded_vocab_size(config.vocab_size)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(self.padded_vocab_size, config.n_embd),
+            # _weight skips nn.Embedding's normal_() init: init_weights does it, and normal_ on the
+            # meta device costs ~15 s of one-off imports on a 2-core CPU
+            wte=nn.Embedding(self.padded_vocab_size, config.n_embd, _weight=torch.empty(self.padded_vocab_size, config.n_embd)),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
         # 10x the training context so chat/inference can run past it without a resize
         self.rotary_seq_len = config.sequence_len * 10
-        # Filled by init_weights (arithmetic on the meta device costs ~15 s of one-off imports).
+        # Filled by init_weights (arithmetic on the meta device also costs those imports).
         # Non-persistent: derived data, never in checkpoints.
         table_shape = (1, self.rotary_seq_len, 1, config.n_embd // config.n_head // 2)
         self.register_buffer("cos", torch.empty(table_shape), persistent=False)

@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load_checkpoint, restore_rng_state,
                                          save_checkpoint)
@@ -252,10 +253,11 @@ for step in range(start_step, num_iterations + 1):
     # one optimizer step: grad_accum_steps forward/backward passes
     synchronize()
     meter.start()
+    train_loss = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         with autocast_ctx:
             loss = model(x, y)
-        train_loss = loss.detach()
+        train_loss += loss.detach() / grad_accum_steps
         (loss / grad_accum_steps).backward()
         loader_state = next_loader_state  # the data up to here is consumed
         x, y, next_loader_state = next(train_loader)  # prefetch while the device works
@@ -270,7 +272,11 @@ for step in range(start_step, num_iterations + 1):
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
 
-    # log (the loss of the last micro-batch, smoothed; rank 0's view)
+    # log: the step's mean loss over micro-batches and processes, smoothed, so that 1 process x 2k
+    # micro-steps and 2 processes x k micro-steps print the same curve
+    if ddp:
+        dist.all_reduce(train_loss)  # SUM: gloo has no AVG
+        train_loss /= ddp_world_size
     train_loss_f = train_loss.item()
     if not math.isfinite(train_loss_f):
         sys.exit(f"base_train: the loss became {train_loss_f} at step {step + 1}; lower the learning rates or "

@@ -147,8 +147,12 @@ def test_resume_state_of_another_rank_is_refused(shards):
 
 def test_resume_state_that_does_not_fit_the_data_is_refused(shards):
     _, _, state = next(make_loader())
-    with pytest.raises(ValueError, match="token_offset"):
+    with pytest.raises(ValueError, match="token 10000, which does not exist"):
         next(make_loader(resume_state_dict={**state, "token_offset": 10_000}))
+    with pytest.raises(ValueError, match=r"document \(0, 0, 0, 99\)"):  # past the row group's documents
+        next(make_loader(resume_state_dict={**state, "row_group_index": 0, "doc_index": 99}))
+    with pytest.raises(ValueError, match="does not exist"):  # past the shard's row groups
+        next(make_loader(resume_state_dict={**state, "row_group_index": 50}))
     with pytest.raises(ValueError, match="shards in base_data/ changed"):
         next(make_loader(resume_state_dict={**state, "shard_index": 7}))
 
@@ -181,15 +185,16 @@ def test_without_state_yields_pairs(shards):
         assert torch.equal(x, tx) and torch.equal(y, ty)
 
 
-def test_real_tokenizer_prepends_bos_to_every_document(shards):
+def test_real_tokenizer_prepends_bos_to_every_document(shards, tmp_path):
     from nanochat.tokenizer import RustBPETokenizer
     docs = [doc for groups in shards[:-1] for group in groups for doc in group]
     tokenizer = RustBPETokenizer.train_from_iterator(iter(docs * 3), 300)
+    tokenizer.save(str(tmp_path / "tokenizer"))  # the loader's default: $NANOCHAT_BASE_DIR/tokenizer
     bos = tokenizer.get_bos_token_id()
     stream = []
     for doc in docs:
         stream += [bos] + tokenizer.encode(doc)
-    loader = make_loader(2, 8, tokenizer=tokenizer, tokenizer_threads=2)
+    loader = make_loader(2, 8, tokenizer=None, tokenizer_threads=2)
     got = []
     while len(got) < len(stream):
         got += next(loader)[0].flatten().tolist()

@@ -3,8 +3,8 @@
 //! Chunks are encoded by repeatedly merging the pair that was learned first, which reproduces
 //! the tokens training produced. Bulk encoding in the pipeline goes through tiktoken instead.
 
+use crate::split::Splitter;
 use crate::train::Pair;
-use fancy_regex::Regex;
 use rustc_hash::FxHashMap;
 
 /// The learned merges, looked up by pair.
@@ -45,15 +45,12 @@ impl Encoder {
         out.extend(ids);
     }
 
-    /// Split `text` with `regex` and encode each chunk.
+    /// Split `text` into chunks and encode each one.
     ///
     /// Errors: the regex engine gave up on the text.
-    pub fn encode(&self, regex: &Regex, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, splitter: &Splitter, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::new();
-        for m in regex.find_iter(text) {
-            let m = m.map_err(|e| format!("splitting text with the pattern failed: {e}"))?;
-            self.encode_chunk(m.as_str().as_bytes(), &mut out);
-        }
+        splitter.for_each_chunk(text, |chunk| self.encode_chunk(chunk.as_bytes(), &mut out))?;
         Ok(out)
     }
 }
@@ -72,7 +69,7 @@ pub fn token_bytes(merges: &[Pair]) -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::split::{compile_pattern, DEFAULT_PATTERN};
+    use crate::split::DEFAULT_PATTERN;
 
     #[test]
     fn encodes_with_earliest_merge_first() {
@@ -90,8 +87,8 @@ mod tests {
     fn decoding_token_bytes_round_trips() {
         let merges = [(104, 105), (256, 32)];
         let encoder = Encoder::new(&merges);
-        let re = compile_pattern(DEFAULT_PATTERN).unwrap();
-        let ids = encoder.encode(&re, "hi hi, ok").unwrap();
+        let splitter = Splitter::new(DEFAULT_PATTERN).unwrap();
+        let ids = encoder.encode(&splitter, "hi hi, ok").unwrap();
         let tokens = token_bytes(&merges);
         let bytes: Vec<u8> = ids.iter().flat_map(|&id| tokens[id as usize].clone()).collect();
         assert_eq!(bytes, b"hi hi, ok");

@@ -7,6 +7,7 @@
 //! `Tokenizer.get_mergeable_ranks()` hands it the vocabulary.
 
 pub mod encode;
+mod gpt4;
 pub mod split;
 pub mod train;
 

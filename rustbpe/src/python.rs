@@ -2,9 +2,8 @@
 //! can be used by `nanochat.tokenizer`.
 
 use crate::encode::{token_bytes, Encoder};
-use crate::split::{compile_pattern, count_chunks, ChunkCounts, DEFAULT_PATTERN};
+use crate::split::{count_chunks, ChunkCounts, Splitter, DEFAULT_PATTERN};
 use crate::train::{train_merges, Pair};
-use fancy_regex::Regex;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
@@ -14,7 +13,7 @@ use rayon::prelude::*;
 #[pyclass(module = "rustbpe")]
 pub struct Tokenizer {
     pattern: String,
-    regex: Regex,
+    splitter: Splitter,
     merges: Vec<Pair>,
     /// None until trained: encoding with no merges learned is almost surely a mistake.
     encoder: Option<Encoder>,
@@ -25,8 +24,8 @@ impl Tokenizer {
     /// An untrained tokenizer with the default (GPT-4 style, 1-2 digit numbers) pattern.
     #[new]
     fn new() -> Self {
-        let regex = compile_pattern(DEFAULT_PATTERN).expect("the default pattern compiles");
-        Tokenizer { pattern: DEFAULT_PATTERN.to_string(), regex, merges: Vec::new(), encoder: None }
+        let splitter = Splitter::new(DEFAULT_PATTERN).expect("the default pattern compiles");
+        Tokenizer { pattern: DEFAULT_PATTERN.to_string(), splitter, merges: Vec::new(), encoder: None }
     }
 
     /// Train on the strings an iterator yields, learning `vocab_size - 256` merges.
@@ -54,14 +53,14 @@ impl Tokenizer {
             return Err(PyValueError::new_err(format!("buffer_size must be at least 1, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let regex = compile_pattern(&pattern).map_err(PyValueError::new_err)?;
+        let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
 
         let mut counts = ChunkCounts::default();
         let mut buffer: Vec<String> = Vec::with_capacity(buffer_size as usize);
         let mut items = iterator.try_iter()?;
         loop {
             let exhausted = fill_buffer(&mut items, &mut buffer, buffer_size as usize)?;
-            py.detach(|| count_chunks(&regex, &buffer, &mut counts)).map_err(PyValueError::new_err)?;
+            py.detach(|| count_chunks(&splitter, &buffer, &mut counts)).map_err(PyValueError::new_err)?;
             buffer.clear();
             if exhausted {
                 break;
@@ -76,7 +75,7 @@ impl Tokenizer {
         self.encoder = Some(Encoder::new(&merges));
         self.merges = merges;
         self.pattern = pattern;
-        self.regex = regex;
+        self.splitter = splitter;
         Ok(())
     }
 
@@ -105,14 +104,14 @@ impl Tokenizer {
     /// Encode a string into token ids. Raises ValueError if the tokenizer is not trained.
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         let encoder = self.trained_encoder()?;
-        py.detach(|| encoder.encode(&self.regex, text)).map_err(PyValueError::new_err)
+        py.detach(|| encoder.encode(&self.splitter, text)).map_err(PyValueError::new_err)
     }
 
     /// Encode many strings in parallel (GIL released); same result as encoding one by one.
     /// Raises ValueError if the tokenizer is not trained.
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
         let encoder = self.trained_encoder()?;
-        py.detach(|| texts.par_iter().map(|text| encoder.encode(&self.regex, text)).collect::<Result<Vec<_>, _>>())
+        py.detach(|| texts.par_iter().map(|text| encoder.encode(&self.splitter, text)).collect::<Result<Vec<_>, _>>())
             .map_err(PyValueError::new_err)
     }
 

@@ -1,0 +1,159 @@
+"""
+scripts/base_train.py end to end on CPU: a tiny model trains and its loss falls, a run killed
+mid-way and resumed ends bit-identical to an uninterrupted one, and torchrun with 2 gloo
+processes follows the same loss curve as 1 process with twice the gradient accumulation.
+
+The data is built so that every parquet row group holds one document of exactly B*T tokens
+under a byte-level tokenizer (no merges: one token per ASCII character, plus <|bos|>). Then
+1 process x 2 micro-batches and 2 processes x 1 micro-batch see the same documents per step.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.tokenizer import RustBPETokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, T = 2, 32
+WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls watch quietly from old oak trees".split()
+
+
+def make_base_dir(base_dir, num_shards=4, docs_per_shard=8):
+    """Shards of one-document row groups (B*T-1 ASCII chars each) and a byte-level tokenizer."""
+    data_dir = os.path.join(base_dir, "base_data")
+    os.makedirs(data_dir)
+    doc_id = 0
+    for shard in range(num_shards):
+        docs = []
+        for _ in range(docs_per_shard):
+            words = [WORDS[(doc_id * 7 + i * 3) % len(WORDS)] for i in range(40)]
+            docs.append(" ".join(words)[: B * T - 1])
+            doc_id += 1
+        assert all(len(d) == B * T - 1 for d in docs)
+        pq.write_table(pa.table({"text": docs}), os.path.join(data_dir, f"shard_{shard:05d}.parquet"), row_group_size=1)
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(["byte level"]), 256 + 9)
+    tokenizer.save(os.path.join(base_dir, "tokenizer"))  # tokenizer.pkl and token_bytes.pt
+    return base_dir
+
+
+def train_args(**overrides):
+    flags = {"depth": 2, "max-seq-len": T, "device-batch-size": B, "total-batch-size": 2 * B * T,
+             "num-iterations": 12, "eval-every": 6, "eval-tokens": 4 * B * T, "sample-every": -1,
+             "save-every": 4, "core-metric-every": -1, "matrix-lr": 0.05}
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def run_env(base_dir):
+    return dict(os.environ, NANOCHAT_BASE_DIR=base_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(base_dir, *args, launcher=(sys.executable, "-m"), check=True):
+    cmd = [*launcher, "scripts.base_train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(base_dir), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(stdout):
+    """{step: loss} from the progress lines."""
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/\d+ .*?\| loss ([\d.]+)", stdout)}
+
+
+def val_bpbs(stdout):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+) \| val bpb ([\d.]+)", stdout)}
+
+
+def load_model_state(base_dir, step, tag="d2"):
+    path = os.path.join(base_dir, "base_checkpoints", tag, f"model_{step:06d}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
+    base = make_base_dir(str(tmp_path / "run"))
+    proc = run_train(base, *train_args(**{"num-iterations": 24, "eval-every": 12, "sample-every": 24}))
+    loss = losses(proc.stdout)
+    assert sorted(loss) == list(range(1, 25))
+    assert loss[24] < loss[1] - 0.5, loss
+    bpb = val_bpbs(proc.stdout)
+    assert bpb[24] < bpb[0], bpb
+    assert "parameters:" in proc.stdout and "grad" not in proc.stderr.lower()  # the plan is printed
+    assert "sample:" in proc.stdout
+    ckpt = os.path.join(base, "base_checkpoints", "d2")
+    for step in (4, 8, 24):
+        assert os.path.exists(os.path.join(ckpt, f"meta_{step:06d}.json"))
+        assert os.path.exists(os.path.join(ckpt, f"optim_{step:06d}_rank0.pt"))
+    assert os.path.exists(os.path.join(base, "report", "base-model-training.md"))
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    straight = make_base_dir(str(tmp_path / "straight"))
+    killed = make_base_dir(str(tmp_path / "killed"))
+    reference = run_train(straight, *train_args())
+
+    # start the same run, SIGKILL it as soon as the step-4 checkpoint is complete, then resume
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *train_args()], cwd=REPO,
+                            env=run_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = os.path.join(killed, "base_checkpoints", "d2", "meta_000004.json")
+    deadline = time.time() + 300
+    while not os.path.exists(meta) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(meta)
+    resumed = run_train(killed, *train_args(), "--resume")
+    first_resumed = min(losses(resumed.stdout))
+    assert first_resumed <= 12
+    ref_loss, res_loss = losses(reference.stdout), losses(resumed.stdout)
+    for step in range(first_resumed, 13):
+        assert res_loss[step] == ref_loss[step], (step, res_loss[step], ref_loss[step])
+    a, b = load_model_state(straight, 12), load_model_state(killed, 12)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    base = make_base_dir(str(tmp_path / "run"))
+    proc = run_train(base, *train_args(), "--resume", check=False)
+    assert proc.returncode != 0
+    assert "cannot resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_indivisible_batch_is_a_clear_error(tmp_path):
+    base = make_base_dir(str(tmp_path / "run"))
+    proc = run_train(base, *train_args(**{"total-batch-size": 3 * B * T + 1}), check=False)
+    assert proc.returncode != 0
+    assert "--total-batch-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_with_accumulation(tmp_path):
+    one = make_base_dir(str(tmp_path / "one"))
+    two = make_base_dir(str(tmp_path / "two"))
+    args = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": -1})
+    single = run_train(one, *args)  # 1 process x 2 micro-batches
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m")
+    double = run_train(two, *args, launcher=torchrun)  # 2 processes x 1 micro-batch
+    assert "x 2 processes x 1 accumulation steps" in double.stdout
+    l1, l2 = losses(single.stdout), losses(double.stdout)
+    assert sorted(l1) == sorted(l2) == list(range(1, 9))
+    for step in l1:
+        assert l1[step] == pytest.approx(l2[step], abs=1e-4), (step, l1[step], l2[step])
+    b1, b2 = val_bpbs(single.stdout), val_bpbs(double.stdout)
+    assert b1.keys() == b2.keys()
+    for step in b1:
+        assert b1[step] == pytest.approx(b2[step], abs=1e-4)
+    a, b = load_model_state(one, 8), load_model_state(two, 8)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
