@@ -25,7 +25,7 @@ import tiktoken
 
 from nanochat.common import ArgumentParser, get_base_dir, print0
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
-from nanochat.report import write_atomic
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -243,8 +243,6 @@ for kind, n_bytes, ours, theirs in rows:
 table = "\n".join(lines)
 
 markdown = "\n".join([
-    "## Tokenizer evaluation",
-    "",
     f"Our tokenizer: {tokenizer.get_vocab_size():,} tokens, content hash {tokenizer.content_hash()[:16]}.",
     "Compression in bytes (UTF-8) per token; higher is better. `ours vs X` = X's tokens / our tokens:",
     "above 1, ours needs fewer tokens for the same text.",
@@ -258,8 +256,5 @@ print0(table)
 for note in notes:
     print0(f"note: {note}")
 
-report_dir = os.path.join(get_base_dir(), "report")
-os.makedirs(report_dir, exist_ok=True)
-report_path = os.path.join(report_dir, "tokenizer_eval.md")
-write_atomic(report_path, markdown)
+report_path = get_report().log("Tokenizer evaluation", [markdown])
 print0(f"Wrote {report_path}")

@@ -14,6 +14,7 @@ import time
 
 from nanochat.common import ArgumentParser, get_base_dir, print0
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 # -----------------------------------------------------------------------------
@@ -108,3 +109,7 @@ print0(f"training time:     {train_time:.1f}s")
 print0(f"bytes per token:   min {int(regular.min())}, max {int(regular.max())}, mean {regular.mean():.2f} (over the vocab)")
 print0(f"sample round trip: {len(sample.encode('utf-8'))} bytes -> {len(ids)} tokens")
 print0(f"content hash:      {tokenizer.content_hash()}")
+get_report().log("Tokenizer training", [vars(args), {
+    "vocab size": vocab_size, "characters": f"{chars_seen:,}", "documents": f"{docs_seen:,}",
+    "training time (s)": round(train_time, 1), "mean token length (bytes)": round(float(regular.mean()), 2),
+}])

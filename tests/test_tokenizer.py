@@ -336,7 +336,7 @@ def test_tok_train_and_tok_eval_scripts(tmp_path):
     assert "| text | bytes | ours tokens | ours bytes/tok |" in result.stdout
     for kind in ["news", "code", "math", "german", "korean", "chinese", "fwe-val", "fwe-train"]:
         assert f"| {kind} |" in result.stdout
-    report = (tmp_path / "report" / "tokenizer_eval.md").read_text()
+    report = (tmp_path / "report" / "tokenizer-evaluation.md").read_text()
     assert "| fwe-val |" in report and "GPT-4 bytes/tok" in report
 
 
