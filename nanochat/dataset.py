@@ -35,11 +35,12 @@ from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
 
 from nanochat.common import get_base_dir, print0
 
 SHARD_PATTERN = re.compile(r"^shard_(\d{5})\.parquet$")
-ROW_GROUP_SIZE = 1024  # documents per row group, as in the FineWeb-EDU shards below
+ROW_GROUP_SIZE = 1024  # documents per row group: the unit that parquets_iter_batched yields and DDP ranks stride over
 
 
 def shard_name(index):
@@ -117,7 +118,7 @@ OFFLINE_MANIFEST = "offline_manifest.json"
 
 
 def get_data_url():
-    """The base URL shards are downloaded from: $NANOCHAT_DATA_URL if set (a mirror, or a test server), else BASE_URL."""
+    """The base URL of the shards: $NANOCHAT_DATA_URL if set (a mirror, a test server), else BASE_URL."""
     return os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
 
 
@@ -131,7 +132,6 @@ def download_single_file(index, data_dir, base_url, max_attempts=5, backoff_s=2.
     Raises:
         DatasetError: the server has no such shard (HTTP 404), or all `max_attempts` failed.
     """
-    import requests  # only the online path needs it
     filename = shard_name(index)
     path = os.path.join(data_dir, filename)
     if os.path.exists(path):
@@ -168,7 +168,6 @@ def download_single_file(index, data_dir, base_url, max_attempts=5, backoff_s=2.
 
 def check_reachable(url):
     """Raise DatasetError with the offline alternative if the server of `url` cannot be reached."""
-    import requests
     try:
         requests.head(url, timeout=10, allow_redirects=True)
     except (requests.ConnectionError, requests.Timeout) as e:
@@ -219,8 +218,12 @@ OFFLINE_NUM_SHARDS = 10   # the last one is the validation shard
 MAX_DOC_CHARS = 8000      # longer texts are cut at paragraph boundaries into pieces of at most this
 GROUP_DOC_CHARS = 4000    # dictionary entries, glosses and fortunes are grouped into documents of ~this (~1k tokens)
 MIN_DOC_CHARS = 500       # shorter documents (index pages, stubs) are dropped
-MIN_LETTER_FRACTION = 0.5  # documents with fewer ASCII letters than this (tables, ASCII art, hex dumps) are dropped
+# Documents whose visible (non-whitespace) bytes are less than 40% ASCII letters are dropped: on this corpus that
+# is ~80 documents of ASCII art and box-drawn tables, while the man pages of math functions and C examples
+# (45-60%) stay; prose is above 80%.
+MIN_LETTER_FRACTION = 0.4
 LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+WHITESPACE = b" \t\n"
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -249,7 +252,7 @@ def read_text_file(path):
 
 
 def split_to_fit(text, max_chars):
-    """Cut `text` at line boundaries (mid-line only for lines longer than max_chars) into pieces of at most max_chars."""
+    """Cut `text` at line boundaries (mid-line only for longer lines) into pieces of at most max_chars characters."""
     lines = []
     for line in text.split("\n"):
         while len(line) > max_chars:
@@ -297,12 +300,12 @@ def split_paragraphs(text):
 
 
 def keep_document(doc):
-    """True for a document long enough and made mostly of letters (drops stubs, tables, ASCII art)."""
+    """True for a document of at least MIN_DOC_CHARS characters, mostly letters (drops stubs, tables, ASCII art)."""
     if len(doc) < MIN_DOC_CHARS:
         return False
     data = doc.encode("utf-8")
     letters = len(data) - len(data.translate(None, LETTERS))
-    return letters >= MIN_LETTER_FRACTION * len(data)
+    return letters >= MIN_LETTER_FRACTION * len(data.translate(None, WHITESPACE))
 
 
 def read_dpkg_status(root):
@@ -320,14 +323,14 @@ def read_dpkg_status(root):
 
 
 def package_files(root, package):
-    """The files package `package` installed (paths under `root`), from dpkg's <root>/var/lib/dpkg/info/<package>.list."""
-    lists = glob.glob(os.path.join(root, "var/lib/dpkg/info", package + ".list"))
-    lists += sorted(glob.glob(os.path.join(root, "var/lib/dpkg/info", package + ":*.list")))
-    paths = []
-    for list_path in lists[:1]:
-        with open(list_path, encoding="utf-8", errors="replace") as f:
-            paths = [os.path.join(root, line.strip().lstrip("/")) for line in f if line.strip()]
-    return paths
+    """The files `package` installed (paths under `root`), from dpkg's <root>/var/lib/dpkg/info/<package>.list."""
+    info = os.path.join(root, "var/lib/dpkg/info")
+    lists = glob.glob(os.path.join(info, package + ".list"))
+    lists += sorted(glob.glob(os.path.join(info, package + ":*.list")))  # multi-arch packages: <package>:<arch>.list
+    if not lists:
+        return []
+    with open(lists[0], encoding="utf-8", errors="replace") as f:
+        return [os.path.join(root, line.strip().lstrip("/")) for line in f if line.strip()]
 
 
 def regular_files(paths):
@@ -349,18 +352,24 @@ def decode_dictd_number(text):
 DICTD_DIGITS = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 DICTD_INDEX_LINE = re.compile(r"^([^\t\n]*)\t([A-Za-z0-9+/]+)\t([A-Za-z0-9+/]+)", re.M)
 ENTRY_SEPARATOR = "\ue000"  # a private-use character: a part's entries are cleaned as one string, then split apart
-GCIDE_SOURCE_TAG = re.compile(r"^[ \t]*\[[^\]\n]*\b(?:Webster|WordNet|PJC|Century|RDH|AS)\b[^\]\n]*\][ \t]*$", re.M)
+# GCIDE source tags: "[1913 Webster]", "[WordNet 1.5 +PJC]", ... Most stand on a line of their own; some end a
+# line or start one, and ~4,000 are followed by a stray copy of the next headword ("[1913 Webster] Abatis").
+GCIDE_TAG = r"\[[^\]\n]*\b(?:Webster|WordNet|PJC|Century|RDH|AS)\b[^\]\n]*\]"
+GCIDE_TAG_LINE = re.compile(rf"^[ \t]*{GCIDE_TAG}(?:[ \t]+\S+)?[ \t]*\n", re.M)
+GCIDE_TAG_INLINE = re.compile(rf"{GCIDE_TAG}(?:[ \t]+\S+[ \t]*$|[ \t]*)", re.M)
 GCIDE_PRONUNCIATION = re.compile(r" ?\\[^\\\n]*\\")
 CONTINUATION_INDENT = re.compile(r"\n( *)\S")
 
 
 def clean_dictd_entries(entries, dictionary):
     """Dictd entries as plain text: no {cross-reference} braces, no common indentation of the lines after the
-    headword; for GCIDE also no source tags such as "[1913 Webster]" and no pronunciation keys such as \\Di*chot"o*my\\."""
+    headword; for GCIDE also no source tags such as "[1913 Webster]" and no pronunciation keys such as
+    \\Di*chot"o*my\\."""
     assert not any(ENTRY_SEPARATOR in entry for entry in entries)
     text = ENTRY_SEPARATOR.join(entries)
     if dictionary == "gcide":
-        text = GCIDE_PRONUNCIATION.sub("", GCIDE_SOURCE_TAG.sub("", text))
+        text = GCIDE_TAG_INLINE.sub("", GCIDE_TAG_LINE.sub("", text))
+        text = GCIDE_PRONUNCIATION.sub("", text)
     text = normalize_text(text.replace("{", "").replace("}", ""))
     cleaned = []
     for entry in text.split(ENTRY_SEPARATOR):
@@ -376,13 +385,14 @@ def list_dictd_items(root, dictionary, parts):
 
 
 def read_dictd(root, item):
-    """Part `part` of `parts` of a dictd dictionary (.index + gzip-readable .dict.dz), entries grouped into documents."""
+    """Part `part` of `parts` of a dictd dictionary (.index + gzip-readable .dict.dz), entries grouped in documents."""
     dictionary, part, parts = item
     base = os.path.join(root, "usr/share/dictd", dictionary)
     with open(base + ".index", encoding="utf-8", errors="replace") as f:
         spans = {(offset, length) for headword, offset, length in DICTD_INDEX_LINE.findall(f.read())
                  if not headword.startswith(("00-database", "00database"))}  # skip the dictionary's own metadata
-    spans = sorted((decode_dictd_number(o), decode_dictd_number(n)) for o, n in spans)  # several headwords share an entry
+    # in file order; the set already merged the headwords that share an entry
+    spans = sorted((decode_dictd_number(o), decode_dictd_number(n)) for o, n in spans)
     spans = spans[len(spans) * part // parts: len(spans) * (part + 1) // parts]
     with gzip.open(base + ".dict.dz", "rb") as f:
         data = f.read()
@@ -394,6 +404,7 @@ WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adver
 
 
 def list_wordnet_items(root):
+    """Work items of WordNet: its four data files, one per part of speech."""
     return [os.path.join(root, "usr/share/wordnet", "data." + pos) for pos in WORDNET_POS]
 
 
@@ -413,17 +424,21 @@ def read_wordnet(root, path):
 
 
 def list_linux_doc_items(root):
+    """Work items of the kernel documentation: its .rst.gz and .txt.gz files (not YAML bindings, not translations)."""
     pattern = os.path.join(root, "usr/share/doc/linux-doc-*/Documentation/**/*")
     paths = [p for p in glob.glob(pattern, recursive=True) if p.endswith((".rst.gz", ".txt.gz"))]
-    return sorted(p for p in regular_files(paths) if "/translations/" not in p)  # translations are not English
+    return sorted(p for p in regular_files(paths) if "/translations/" not in p)
 
 
 def list_python_doc_items(root):
+    """Work items of the Python documentation: the reStructuredText sources that its HTML was built from."""
     pattern = os.path.join(root, "usr/share/doc/python3.*/html/_sources/**/*.rst.txt")
-    return sorted({os.path.realpath(p) for p in glob.glob(pattern, recursive=True)})  # python3.X-doc/html links to python3.X/html
+    # realpath: python3.X-doc/html is a link to python3.X/html, so the glob finds every file twice
+    return sorted({os.path.realpath(p) for p in glob.glob(pattern, recursive=True)})
 
 
 def list_debian_reference_items(root):
+    """Work items of the Debian Reference: the plain-text rendering the package ships next to its HTML."""
     return [os.path.join(root, "usr/share/debian-reference/debian-reference.en.txt.gz")]
 
 
@@ -456,6 +471,9 @@ def run_groff(root, source):
     """Render man(7) source (bytes) to text with <root>/usr/bin/groff (package groff-base)."""
     result = subprocess.run([os.path.join(root, "usr/bin/groff")] + GROFF_ARGS, input=MAN_PRELUDE + source,
                             capture_output=True, env={**os.environ, "GROFF_NO_SGR": "1"})
+    if result.returncode != 0 and not result.stdout:
+        raise DatasetError(f"groff failed: {decode_bytes(result.stderr).strip()[:500]}. "
+                           f"Reinstall it: {install_command(['--reinstall', 'groff-base'])}")
     text = OVERSTRIKE.sub("", decode_bytes(result.stdout))
     return text.replace("\u2010", "-").replace("\u2212", "-")  # groff renders "-" as U+2010 and "\-" as U+2212
 
@@ -467,7 +485,8 @@ def render_man_pages(root, sources):
     (it ends inside a macro definition, say), every page is rendered on its own instead.
     """
     separator = f"\n.nf\n.in 0\n{MAN_PAGE_END}\n.fi\n".encode()
-    pieces = re.split(rf"^[ \t]*{MAN_PAGE_END}[ \t]*$", run_groff(root, b"".join(s + separator for s in sources)), flags=re.M)
+    text = run_groff(root, b"".join(source + separator for source in sources))
+    pieces = re.split(rf"^[ \t]*{MAN_PAGE_END}[ \t]*$", text, flags=re.M)
     if len(pieces) == len(sources) + 1:  # the last piece holds the footer of the last page
         return [normalize_text(piece).partition("\n")[2] for piece in pieces[:-1]]
     pages = []
@@ -495,13 +514,17 @@ CHAPTER_HEADING = re.compile(r"^(\S.*\S) (\d+)$")
 
 
 def list_bible_items(root):
+    """Work items of the Bible: one verse range, Genesis 1:1 to Revelation 22:21 (one run of `bible` takes ~0.1 s)."""
     return ["Ge1:1-Re22:21"]
 
 
 def read_bible(root, verses):
     """The King James Bible read out by the `bible` program (bible-kjv), one document per chapter."""
     result = subprocess.run([os.path.join(root, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"), "-l0", verses],
-                            capture_output=True, check=True)
+                            capture_output=True)
+    if result.returncode != 0:
+        raise DatasetError(f"`bible -l0 {verses}` failed: {decode_bytes(result.stderr).strip()}. "
+                           f"Reinstall it: {install_command(['--reinstall', 'bible-kjv', 'bible-kjv-text'])}")
     chapters = []
     for line in normalize_text(decode_bytes(result.stdout)).split("\n"):
         if CHAPTER_HEADING.match(line):
@@ -515,6 +538,7 @@ def read_bible(root, verses):
 
 
 def list_fortune_items(root):
+    """Work items of fortunes and fortunes-min: their fortune files (not the .dat indexes or .u8 links)."""
     paths = package_files(root, "fortunes") + package_files(root, "fortunes-min")
     return sorted(p for p in regular_files(paths)
                   if "/usr/share/games/fortunes/" in p and not p.endswith((".dat", ".u8")))
@@ -541,18 +565,27 @@ def copyright_of(package):
     return f"usr/share/doc/{package}/copyright"
 
 
-SOURCES = [
-    Source("gcide", ("dict-gcide",), (copyright_of("dict-gcide"),), partial(list_dictd_items, dictionary="gcide", parts=2), read_dictd),
-    Source("man-pages", ("manpages", "manpages-dev", "groff-base"), (copyright_of("manpages"), copyright_of("manpages-dev")), list_man_items, read_man_pages),
+SOURCES = [  # the slow ones first, so that the process pool ends evenly
+    Source("gcide", ("dict-gcide",), (copyright_of("dict-gcide"),),
+           partial(list_dictd_items, dictionary="gcide", parts=2), read_dictd),
+    Source("man-pages", ("manpages", "manpages-dev", "groff-base"),
+           (copyright_of("manpages"), copyright_of("manpages-dev")), list_man_items, read_man_pages),
     Source("linux-doc", ("linux-doc",), (copyright_of("linux-doc-*"),), list_linux_doc_items, read_plain_document),
-    Source("python-doc", ("python3-doc",), (copyright_of("python3.*-doc"),), list_python_doc_items, read_plain_document),
+    Source("python-doc", ("python3-doc",), (copyright_of("python3.*-doc"),),
+           list_python_doc_items, read_plain_document),
     Source("wordnet", ("wordnet-base",), (copyright_of("wordnet-base"),), list_wordnet_items, read_wordnet),
-    Source("foldoc", ("dict-foldoc",), (copyright_of("dict-foldoc"),), partial(list_dictd_items, dictionary="foldoc", parts=1), read_dictd),
-    Source("jargon", ("dict-jargon",), (copyright_of("dict-jargon"),), partial(list_dictd_items, dictionary="jargon", parts=1), read_dictd),
-    Source("devils-dictionary", ("dict-devil",), (copyright_of("dict-devil"),), partial(list_dictd_items, dictionary="devil", parts=1), read_dictd),
-    Source("bible-kjv", ("bible-kjv-text", "bible-kjv"), (copyright_of("bible-kjv-text"),), list_bible_items, read_bible),
-    Source("fortunes", ("fortunes", "fortunes-min"), (copyright_of("fortunes"), copyright_of("fortunes-min")), list_fortune_items, read_fortunes),
-    Source("debian-reference", ("debian-reference-en",), (copyright_of("debian-reference-en"),), list_debian_reference_items, read_plain_document),
+    Source("foldoc", ("dict-foldoc",), (copyright_of("dict-foldoc"),),
+           partial(list_dictd_items, dictionary="foldoc", parts=1), read_dictd),
+    Source("jargon", ("dict-jargon",), (copyright_of("dict-jargon"),),
+           partial(list_dictd_items, dictionary="jargon", parts=1), read_dictd),
+    Source("devils-dictionary", ("dict-devil",), (copyright_of("dict-devil"),),
+           partial(list_dictd_items, dictionary="devil", parts=1), read_dictd),
+    Source("bible-kjv", ("bible-kjv-text", "bible-kjv"), (copyright_of("bible-kjv-text"),),
+           list_bible_items, read_bible),
+    Source("fortunes", ("fortunes", "fortunes-min"), (copyright_of("fortunes"), copyright_of("fortunes-min")),
+           list_fortune_items, read_fortunes),
+    Source("debian-reference", ("debian-reference-en",), (copyright_of("debian-reference-en"),),
+           list_debian_reference_items, read_plain_document),
 ]
 OFFLINE_PACKAGES = sorted({p for source in SOURCES for p in source.packages})
 
@@ -572,6 +605,7 @@ def read_source_item(task):
 
 
 def install_command(packages):
+    """The apt-get command that installs `packages`, with sudo unless we are root."""
     prefix = "" if hasattr(os, "geteuid") and os.geteuid() == 0 else "sudo "
     return f"{prefix}apt-get install -y {' '.join(packages)}"
 
@@ -592,11 +626,11 @@ def select_sources(root, allow_partial):
     missing = [p for p in OFFLINE_PACKAGES if p not in installed]
     sources = [s for s in SOURCES if all(p in installed for p in s.packages)]
     if missing and (not allow_partial or not sources):
-        raise DatasetError(
-            f"the offline corpus needs Debian packages that are not installed: {', '.join(missing)}.\n"
-            f"Install them with:\n    {install_command(missing)}\n"
-            f"(the full list is dev/offline_packages.txt)"
-            + ("" if allow_partial else ", or pass --allow-partial to build from the sources that are installed"))
+        message = (f"the offline corpus needs Debian packages that are not installed: {', '.join(missing)}. "
+                   f"Install them with:\n    {install_command(missing)}\n(dev/offline_packages.txt lists all of them)")
+        if not allow_partial:
+            message += "\nor pass --allow-partial to build from the packages that are installed"
+        raise DatasetError(message)
     versions = {p: installed[p] for s in sources for p in s.packages}
     return sources, versions
 
@@ -661,12 +695,14 @@ def build_offline_corpus(data_dir=None, root="/", allow_partial=False, force=Fal
     existing = list_parquet_files(data_dir)
     if existing and not os.path.exists(manifest_path):
         raise DatasetError(
-            f"{data_dir} already holds {len(existing)} shards that are not the offline corpus (downloaded FineWeb-EDU?). "
+            f"{data_dir} already holds {len(existing)} shards that are not the offline corpus "
+            f"(downloaded FineWeb-EDU?). "
             f"Move them away (mv {data_dir} {data_dir}.fineweb) or point NANOCHAT_BASE_DIR elsewhere")
     if os.path.exists(manifest_path) and not force:
         with open(manifest_path, encoding="utf-8") as f:
             old = json.load(f)
-        if old.get("packages") == versions and [os.path.basename(p) for p in existing] == [s["file"] for s in old["shards"]]:
+        same_shards = [os.path.basename(p) for p in existing] == [s["file"] for s in old["shards"]]
+        if old.get("packages") == versions and same_shards:
             print0(f"offline corpus already built in {data_dir} from the same packages "
                    f"({old['total_documents']:,} documents); pass --force to rebuild")
             return old
@@ -723,7 +759,8 @@ def build_offline_corpus(data_dir=None, root="/", allow_partial=False, force=Fal
         shards.append({"file": shard_name(i), "split": "val" if i == num_shards - 1 else "train",
                        "documents": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts)})
     write_text_atomic(os.path.join(data_dir, "LICENSES.md"), render_licenses(sources, root))
-    manifest = {"description": "nanochat offline pretraining corpus built from Debian packages (python -m nanochat.dataset --offline)",
+    manifest = {"description": "nanochat's offline pretraining corpus, built from Debian packages by "
+                               "`python -m nanochat.dataset --offline`",
                 "seed": OFFLINE_SEED, "packages": versions, "sources": stats, "shards": shards,
                 "total_documents": len(corpus), "total_bytes": sum(s["bytes"] for s in shards)}
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")

@@ -298,7 +298,7 @@ class GPT(nn.Module):
         logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         if loss_reduction == "none":
             loss = loss.view(B, T)

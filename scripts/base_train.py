@@ -162,8 +162,11 @@ if args.resume or args.resume_from_step >= 0:
     orig_model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
     for opt, state in zip(optimizers, optim_data):
         opt.load_state_dict(state)
+    if len(meta["dataloader_state"]) != ddp_world_size:
+        sys.exit(f"base_train: cannot resume: the checkpoint was written by {len(meta['dataloader_state'])} processes "
+                 f"and this run has {ddp_world_size}; resume with --nproc_per_node={len(meta['dataloader_state'])}")
     start_step = resume_step
-    loader_state = meta["dataloader_state"]
+    loader_state = meta["dataloader_state"][ddp_rank]
     loop_state = meta["loop_state"]
     restore_rng_state(meta["rng_state"])
     del model_data, optim_data
@@ -200,9 +203,14 @@ meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
 
 def save(step):
     """Checkpoint after `step` optimizer steps (every rank calls this)."""
+    loader_states = [None] * ddp_world_size  # every rank reads its own stream of the data
+    if ddp:
+        dist.all_gather_object(loader_states, loader_state)
+    else:
+        loader_states[0] = loader_state
     meta = {
         "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
-        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "dataloader_state": loader_state,
+        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "dataloader_state": loader_states,
         "loop_state": loop_state, "rng_state": capture_rng_state(), "tokenizer_hash": tokenizer.content_hash(),
         "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
     }

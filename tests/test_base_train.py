@@ -95,6 +95,17 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
         assert os.path.exists(os.path.join(ckpt, f"optim_{step:06d}_rank0.pt"))
     assert os.path.exists(os.path.join(base, "report", "base-model-training.md"))
 
+    # base_loss reads the last checkpoint back and measures it
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_loss", "--device-batch-size", str(B),
+                           "--split-tokens", str(4 * B * T)], cwd=REPO, env=run_env(base), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loaded base model d2 step 24" in proc.stdout
+    split_bpb = {m.group(1): float(m.group(2)) for m in re.finditer(r"(train|val) bpb: ([\d.]+)", proc.stdout)}
+    assert split_bpb["val"] == pytest.approx(bpb[24], abs=1e-3)  # same data, same model as the final eval
+    assert 0 < split_bpb["train"] < 8
+    assert os.path.exists(os.path.join(base, "report", "base-model-loss.md"))
+
 
 def test_killed_run_resumes_bit_identical(tmp_path):
     straight = make_base_dir(str(tmp_path / "straight"))
@@ -141,7 +152,7 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
 def test_torchrun_two_processes_match_one_with_accumulation(tmp_path):
     one = make_base_dir(str(tmp_path / "one"))
     two = make_base_dir(str(tmp_path / "two"))
-    args = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": -1})
+    args = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": 4})
     single = run_train(one, *args)  # 1 process x 2 micro-batches
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m")
     double = run_train(two, *args, launcher=torchrun)  # 2 processes x 1 micro-batch
@@ -157,3 +168,17 @@ def test_torchrun_two_processes_match_one_with_accumulation(tmp_path):
     a, b = load_model_state(one, 8), load_model_state(two, 8)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
+
+    # resume under torchrun: drop the final checkpoint, resume both ranks from step 4
+    ckpt = os.path.join(two, "base_checkpoints", "d2")
+    for name in ("meta_000008.json", "model_000008.pt", "optim_000008_rank0.pt", "optim_000008_rank1.pt"):
+        os.remove(os.path.join(ckpt, name))
+    resumed = run_train(two, *args, "--resume", launcher=torchrun)
+    assert "resumed from" in resumed.stdout
+    l3 = losses(resumed.stdout)
+    assert sorted(l3) == [5, 6, 7, 8]
+    for step in l3:
+        assert l3[step] == l2[step], (step, l3[step], l2[step])
+    c = load_model_state(two, 8)
+    for k in b:
+        assert torch.equal(b[k], c[k]), k

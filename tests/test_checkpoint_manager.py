@@ -165,6 +165,7 @@ def test_crash_in_the_middle_of_writing_a_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fake_save(tmp_path, 2, fill=2)
     assert cm.list_steps(str(tmp_path)) == [1] and not os.path.exists(tmp_path / "model_000002.pt")
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_crash_while_saving_a_step_again_never_leaves_it_marked_complete(tmp_path, monkeypatch):
@@ -189,7 +190,6 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint(tmp_path):
         import os, signal, torch
         from nanochat import checkpoint_manager as cm
         cm.save_checkpoint({str(tmp_path)!r}, 1, {{"w": torch.ones(3)}}, {{"m": torch.ones(2)}}, {{"model_config": {{}}}})
-        real_save = torch.save
         def dying_save(obj, f):
             f.write(b"half")
             f.flush()

@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import socket
-import stat
 import sys
 import threading
 
@@ -71,11 +70,14 @@ def write_dictd(root, name, entries):
 
 
 FAKE_GROFF = """#!{python}
-# Stand-in for groff: a header line at each .TH, the text lines, a footer at the end; drops other requests.
+# Stand-in for groff: a header line at each .TH, the text lines, a footer at the end; drops other requests
+# and macro definitions.
 import sys
-out = []
+out, in_macro = [], False
 for line in sys.stdin.read().splitlines():
-    if line.startswith(".TH"):
+    if in_macro or line.startswith(".de"):  # a macro definition runs to "..", swallowing what comes before it
+        in_macro = line != ".."
+    elif line.startswith(".TH"):
         out.append("FAKE-HEADER " + line[4:])
     elif line.startswith(".SH"):
         out.append("".join(c + "\\b" + c for c in line[4:]))  # bold by overstriking, as old grotty does
@@ -111,8 +113,8 @@ def make_fake_root(root, omit=()):
     write(f"{root}/usr/share/doc/linux-doc-6.1/copyright", "Files: *\nLicense: GPL-2\n kernel docs\n")
     write(f"{root}/usr/share/doc/python3.11-doc/copyright", "Python docs are under the PSF license.\n")
 
-    write_dictd(root, "gcide", [([f"Word{i}", f"word{i}"], f"Word{i} \\Word{i}\\, n. {{Cross}} reference.\n   "
-                                 + prose(rng, 300) + "\n   [1913 Webster]\n\n") for i in range(40)])
+    write_dictd(root, "gcide", [([f"Word{i}", f"word{i}"], f"Word{i} \\Word{i}\\, n. {{Cross}} reference. [PJC]\n   "
+                                 + prose(rng, 300) + f"\n   [1913 Webster] Word{i + 1}\n\n") for i in range(40)])
     write_dictd(root, "foldoc", [([f"term{i}"], f"term{i}\n\n   <jargon> " + prose(rng, 400) + "\n\n") for i in range(15)])
     write_dictd(root, "jargon", [([f"hack{i}"], f"hack{i}\n n.\n\n    " + prose(rng, 400) + "\n\n") for i in range(15)])
     write_dictd(root, "devil", [([f"DEVIL{i}"], f"DEVIL{i}, n.  " + prose(rng, 400) + "\n\n") for i in range(15)])
@@ -199,7 +201,7 @@ def test_offline_build_writes_valid_shards(fake_root, tmp_path):
     assert manifest["packages"]["dict-gcide"] == "1.%d" % dataset.OFFLINE_PACKAGES.index("dict-gcide")
     text = "\n".join(docs)
     # markup and duplicates are gone, excluded files are not read
-    for absent in ("[1913 Webster]", "\\Word1\\", "{Cross}", "00-database", "This file was converted",
+    for absent in ("[1913 Webster]", "[PJC]", "\nWord2\n", "\\Word1\\", "{Cross}", "00-database", "This file was converted",
                    "FAKE-HEADER", "FAKE-FOOTER", "\b", "TRANSLATED", "compatible: x", "( o.o )", "toctree", "LICENSEE"):
         assert absent not in text, absent
     for present in ("Word1, n. Cross reference.", "DESCRIPTION", "Genesis 1", "-- Someone", "word3, other noun3 (noun):",
@@ -238,7 +240,7 @@ def test_offline_build_skips_a_finished_build_and_rebuilds_with_force(fake_root,
 
 def test_missing_packages_name_the_apt_get_command(tmp_path):
     root = make_fake_root(str(tmp_path / "root"), omit=("dict-gcide", "groff-base"))
-    with pytest.raises(DatasetError, match=r"apt-get install -y dict-gcide groff-base") as e:
+    with pytest.raises(DatasetError, match=r"apt-get install -y dict-gcide groff-base\n") as e:
         build_offline_corpus(str(tmp_path / "data"), root=root)
     assert "--allow-partial" in str(e.value)
     manifest = build_offline_corpus(str(tmp_path / "data"), root=root, allow_partial=True, num_shards=2)
@@ -274,6 +276,18 @@ def test_cli_offline_build_and_user_errors(fake_root, tmp_path, monkeypatch, cap
 def test_offline_packages_file_lists_every_package():
     with open(os.path.join(REPO, "dev", "offline_packages.txt")) as f:
         assert f.read().split() == dataset.OFFLINE_PACKAGES
+
+
+def test_man_pages_render_in_one_groff_run_or_one_run_per_page(fake_root, monkeypatch):
+    runs = []
+    run_groff = dataset.run_groff
+    monkeypatch.setattr(dataset, "run_groff", lambda root, source: runs.append(source) or run_groff(root, source))
+    pages = [f".TH P{i} 1\n.SH NAME\npage {i} text\n".encode() for i in range(3)]
+    assert dataset.render_man_pages(fake_root, pages) == [f"NAME\n       page {i} text" for i in range(3)]
+    assert len(runs) == 1
+    pages[1] += b".de XX\n"  # an unterminated macro swallows the separator: every page is rendered on its own
+    assert dataset.render_man_pages(fake_root, pages) == [f"NAME\n       page {i} text" for i in range(3)]
+    assert len(runs) == 1 + 1 + 3
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed (apt-get install -y groff-base)")
@@ -367,7 +381,7 @@ class ShardServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resolve/main"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()

@@ -76,6 +76,20 @@ def test_bpb_matches_manual_log_softmax_on_a_real_model():
     assert bpb == pytest.approx(nats / (math.log(2) * num_bytes), rel=1e-5)
 
 
+def test_bpb_of_the_gpt_matches_its_logits():
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    token_bytes = torch.randint(0, 4, (300,), dtype=torch.int32)
+    x, y = torch.randint(0, 300, (2, 8)), torch.randint(-1, 300, (2, 8))
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x).flatten(0, 1).double(), y.flatten(), ignore_index=-1, reduction="none")
+    counted = (y.flatten() >= 0) & (token_bytes[y.flatten().clamp(min=0)] > 0)
+    expected = nats[counted].sum().item() / (math.log(2) * token_bytes[y.flatten()[counted]].sum().item())
+    assert evaluate_bpb(model, iter([(x, y)]), 1, token_bytes) == pytest.approx(expected, rel=1e-5)
+
+
 def test_bpb_is_the_same_for_a_coarser_tokenization_of_equal_probability():
     # text "abab": byte tokens a, b with 0.5 nats each, or one token "ab" with 1.0 nat: same bpb
     class PerTokenLoss:

@@ -1,0 +1,170 @@
+"""Tests for nanochat/engine.py: sampling, and Engine generation with the KV cache."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.gpt import GPT, GPTConfig
+
+VOCAB = 64
+BOS, ASSISTANT_END = 62, 63
+
+
+class TinyTokenizer:
+    """Stand-in for RustBPETokenizer: only what Engine uses."""
+
+    def __init__(self, bos=BOS, assistant_end=ASSISTANT_END):
+        self.bos, self.assistant_end = bos, assistant_end
+
+    def encode_special(self, name):
+        return {"<|bos|>": self.bos, "<|assistant_end|>": self.assistant_end}[name]
+
+    def get_bos_token_id(self):
+        return self.bos
+
+
+# stop ids outside the vocabulary: the model can never emit them, so rows run to max_tokens
+NEVER_STOPS = TinyTokenizer(bos=1000, assistant_end=1001)
+
+
+def build_model(seed=0, n_kv_head=1):
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a peaked, position-dependent distribution instead of uniform logits
+        for block in model.transformer.h:
+            for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                w.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.size(1)))
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g))
+    return model.eval()
+
+
+def test_sampling_is_deterministic_given_the_seed():
+    logits = torch.randn(4, 50)
+    draw = lambda seed: sample_next_token(logits, torch.Generator().manual_seed(seed), temperature=1.0)
+    assert torch.equal(draw(1), draw(1))
+    draws = torch.cat([draw(s) for s in range(20)], dim=1)
+    assert len(set(draws.flatten().tolist())) > 4  # and different seeds do differ
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 30)
+    out = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.0)
+    assert out.shape == (5, 1) and out.dtype == torch.long
+    assert torch.equal(out[:, 0], logits.argmax(dim=-1))
+
+
+def test_top_k_only_samples_the_k_largest():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40)
+    allowed = logits.topk(5, dim=-1).indices
+    rng = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        out = sample_next_token(logits, rng, temperature=2.0, top_k=5)
+        assert all(out[i, 0] in allowed[i] for i in range(3))
+        seen.update(out[0].tolist())
+    assert len(seen) > 1
+    assert torch.equal(sample_next_token(logits, rng, temperature=1.0, top_k=1)[:, 0], logits.argmax(-1))
+
+
+def test_bad_sampling_arguments_raise():
+    rng = torch.Generator()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(torch.zeros(1, 3), rng, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next_token(torch.zeros(1, 3), rng, top_k=0)
+
+
+def naive_greedy(model, tokens, n):
+    """Greedy decoding by re-running the whole sequence each step (no cache)."""
+    ids = list(tokens)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(tokens):]
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_greedy_generation_with_cache_matches_naive_generation(n_kv_head):
+    model = build_model(n_kv_head=n_kv_head)
+    prompt = [BOS, 5, 9, 17, 3]
+    engine = Engine(model, NEVER_STOPS)
+    results, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
+    want = naive_greedy(model, prompt, 12)
+    for row, mask in zip(results, masks):
+        assert row == prompt + want
+        assert mask == [0] * len(prompt) + [1] * 12
+
+
+def test_stop_tokens_end_rows():
+    model = build_model()
+    prompt = [BOS, 1, 2]
+    first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    engine = Engine(model, TinyTokenizer(bos=BOS, assistant_end=first))  # greedy emits the stop at once
+    steps = list(engine.generate(prompt, num_samples=3, max_tokens=10, temperature=0.0))
+    assert steps == [([first] * 3, [1] * 3)]
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=10, temperature=0.0)
+    assert results == [prompt] * 3 and masks == [[0] * 3] * 3  # the stop token is not kept
+
+
+def test_rows_stop_independently_and_bos_stops_too():
+    model = build_model()
+    engine = Engine(model, TinyTokenizer())
+    prompt = [BOS, 7]
+    results, masks = engine.generate_batch(prompt, num_samples=16, max_tokens=40, temperature=3.0, seed=3)
+    lengths = {len(r) for r in results}
+    assert len(lengths) > 1  # rows end at different steps
+    for row, mask in zip(results, masks):
+        assert len(row) == len(mask) and row[:2] == prompt
+        assert BOS not in row[2:] and ASSISTANT_END not in row[2:]
+    steps = list(engine.generate(prompt, num_samples=16, max_tokens=40, temperature=3.0, seed=3))
+    enders = [steps[len(row) - 2][0][i] for i, row in enumerate(results) if len(row) < 2 + 40]
+    assert set(enders) == {BOS, ASSISTANT_END}  # a stopped row's next token was a stop token, of both kinds
+
+
+def test_num_samples_after_one_prefill_are_seeded_and_diverse():
+    model = build_model()
+    engine = Engine(model, NEVER_STOPS)
+    prompt = [BOS, 4, 8]
+    calls = []
+    original_forward = model.forward
+    model.forward = lambda idx, **kw: calls.append(tuple(idx.shape)) or original_forward(idx, **kw)
+    results, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=6, temperature=1.0, seed=11)
+    model.forward = original_forward
+    assert calls[0] == (1, 3)  # one batch-1 prefill ...
+    assert calls[1:] == [(4, 1)] * 5  # ... then one token per row per step
+    assert len({tuple(r) for r in results}) > 1
+    again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=6, temperature=1.0, seed=11)
+    assert again == results
+
+
+def test_sampled_generation_matches_naive_sampling_with_the_same_rng():
+    model = build_model(n_kv_head=2)
+    prompt = [BOS, 11, 12]
+    engine = Engine(model, NEVER_STOPS)
+    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.8, top_k=10, seed=5)
+    rng = torch.Generator().manual_seed(5)
+    ids = list(prompt)
+    for _ in range(8):
+        logits = model(torch.tensor([ids]))[:, -1]
+        ids.append(int(sample_next_token(logits, rng, 0.8, 10)))
+    assert results[0] == ids
+
+
+def test_kv_cache_expand_copies_rows_and_keeps_position():
+    cache = KVCache(batch_size=1, num_layers=2, max_seq_len=4)
+    k = torch.randn(1, 3, 2, 5)
+    for layer in range(2):
+        cache.insert_kv(layer, k, -k)
+    wide = cache.expand(3)
+    assert wide.get_pos() == 2 and wide.batch_size == 3
+    k_all, v_all = wide.insert_kv(0, torch.zeros(3, 3, 1, 5), torch.zeros(3, 3, 1, 5))
+    assert k_all.shape == (3, 3, 3, 5)
+    assert torch.equal(k_all[:, :, :2], k.expand(3, -1, -1, -1))
+    assert torch.equal(v_all[:, :, :2], -k.expand(3, -1, -1, -1))
+    assert cache.get_pos() == 2  # the original is untouched
