@@ -45,7 +45,7 @@ class DistAdamW(torch.optim.Optimizer):
                 if rows * world != p.size(0):
                     grad = torch.cat([grad, grad.new_zeros(rows * world - p.size(0), *grad.shape[1:])])
                 local = torch.empty_like(grad[:rows])  # (rows, ...)
-                work = dist.reduce_scatter_tensor(local, grad, op=dist.ReduceOp.SUM, async_op=True)
+                work = dist.reduce_scatter_tensor(local, grad, op=dist.ReduceOp.AVG, async_op=True)
                 reductions.append((group, p, rows, grad, local, work))
         gathers = []
         for group, p, rows, grad, local, work in reductions:

@@ -2,9 +2,9 @@
 Pretraining text shards: list them, iterate over them, download FineWeb-EDU shards from the
 Hugging Face Hub, or build an offline corpus from text that Debian packages ship.
 
-A shard is `shard_XXXXX.parquet` with one string column `text` (one document per row),
-written in row groups of 1024 documents. All shards but the last are training data; the last
-shard (highest index) present in the folder is the validation shard.
+A shard is `shard_XXXXX.parquet` with one string column `text`, one document per row, in row
+groups (1024 documents in the offline corpus). All shards but the last are training data; the
+last shard (highest index) present in the folder is the validation shard.
 
 Not for: tokenizing or batching (dataloader.py), chat and task data (tasks/).
 
@@ -110,8 +110,8 @@ class DatasetError(RuntimeError):
 # -----------------------------------------------------------------------------
 # Online: FineWeb-EDU shards from the Hugging Face Hub
 
-# Karpathy's reshuffle of FineWeb-EDU 100B tokens into 1823 parquet shards of ~100 MB each
-# (~250M characters): https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
+# Karpathy's reshuffle of FineWeb-EDU (100B tokens) into 1823 parquet shards of ~100 MB each:
+# https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard is shard_01822.parquet
 OFFLINE_MANIFEST = "offline_manifest.json"
@@ -178,7 +178,7 @@ def check_reachable(url):
 
 
 def download_shards(num_files, data_dir=None, base_url=None, num_workers=4, max_attempts=5, backoff_s=2.0):
-    """Download FineWeb-EDU shards 0..num_files-1 (-1: all 1823, about 170 GB) in parallel; return their paths.
+    """Download FineWeb-EDU shards 0..num_files-1 (-1: all 1823) in parallel, num_workers at a time; return their paths.
 
     Shards already present are skipped. The last shard downloaded is the validation shard, so
     `-n 8` then `-n 240` moves the validation split from shard 7 to shard 239 (as upstream).
@@ -778,7 +778,7 @@ def main(argv=None):
         description="Download FineWeb-EDU pretraining shards (-n N), or build the offline corpus from Debian "
                     "packages (--offline), into $NANOCHAT_BASE_DIR/base_data. The last shard is the validation shard.")
     parser.add_argument("-n", "--num-files", "--num_files", type=int, default=None,
-                        help=f"download FineWeb-EDU shards 0..N-1 (-1: all {MAX_SHARD + 1}, ~170 GB; ~100 MB each); "
+                        help=f"download FineWeb-EDU shards 0..N-1, ~100 MB each (-1: all {MAX_SHARD + 1}); "
                              f"from $NANOCHAT_DATA_URL if set, else {BASE_URL}")
     parser.add_argument("-w", "--num-workers", "--num_workers", type=int, default=None,
                         help="parallel downloads (default 4) or build processes (default: CPU count)")

@@ -23,6 +23,7 @@ from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load
                                          save_checkpoint)
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_peak_flops, init_wandb, print0)
+from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -61,6 +62,7 @@ parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the 
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: off)")
+parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
 parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
@@ -194,8 +196,13 @@ print0(f"batch: {args.total_batch_size:,} tokens per step = {args.device_batch_s
        f"{ddp_world_size} processes x {grad_accum_steps} accumulation steps")
 print0(f"horizon ({horizon}): {num_iterations:,} steps, {total_tokens:,} tokens "
        f"({total_tokens / num_params:.1f} tokens per parameter), {flops_per_token * total_tokens:e} FLOPs")
-if args.core_metric_every > 0:
-    print0("CORE metric: not available yet (base_eval lands with the chat stages); --core-metric-every is ignored")
+core_metric_every = args.core_metric_every
+if core_metric_every > 0:
+    try:
+        ensure_eval_bundle(device)  # download (or fail) now rather than thousands of steps in
+    except EvalBundleError as e:
+        print0(f"warning: {e}; training goes on without the CORE metric")
+        core_metric_every = -1
 
 meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
                       peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
@@ -237,6 +244,17 @@ for step in range(start_step, num_iterations + 1):
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
+
+    # CORE metric, on the uncompiled model: every example has its own shape
+    if core_metric_every > 0 and (last_step or (step > 0 and step % core_metric_every == 0)):
+        orig_model.eval()
+        with autocast_ctx:
+            core_out = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        loop_state["core_metric"] = core_out["core_metric"]
+        print0(f"step {step:05d} | CORE metric: {core_out['core_metric']:.4f}")
+        wandb_run.log({"step": step, "core_metric": core_out["core_metric"],
+                       **{f"core/{k}": v for k, v in core_out["centered_results"].items()}})
+        orig_model.train()
 
     # samples
     if master_process and (last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
@@ -310,6 +328,7 @@ get_report().log("Base model training", [
      "processes": ddp_world_size, "grad accumulation steps": grad_accum_steps, "device": str(device),
      "training FLOPs": f"{flops_per_token * total_tokens:e}",
      "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
+     "CORE metric": loop_state.get("core_metric", "n/a"),
      "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
      "tok/s (steady state)": f"{args.total_batch_size / sps:,.0f}" if sps else "n/a",
      "training time": format_duration(loop_state["total_training_time"]),

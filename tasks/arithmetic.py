@@ -45,7 +45,7 @@ def _shopping(rng, sol):
     name = rng.choice(NAMES)
     (one1, many1), (one2, many2) = rng.sample(ITEMS, 2)
     a, p, b, q = rng.randint(2, 9), rng.randint(2, 15), rng.randint(2, 9), rng.randint(2, 15)
-    bill = next(x for x in (20, 50, 100, 200) if x >= a * p + b * q)
+    bill = next(x for x in (20, 50, 100, 200, 500) if x >= a * p + b * q)
     question = (f"{name} buys {a} {many1} for ${p} each and {b} {many2} for ${q} each, and pays with a "
                 f"${bill} bill. How much change does {name} get, in dollars?")
     sol.say(f"The {many1} cost ")

@@ -13,6 +13,7 @@ sometimes with extra keys a task's evaluate() needs (e.g. "letters" for multiple
 
 import bisect
 import hashlib
+import operator
 import os
 import random
 import re
@@ -78,7 +79,8 @@ class Task:
     def __getitem__(self, i):
         """The i-th conversation of the slice; IndexError outside 0..len-1 (ends iteration)."""
         indices = self._slice()
-        if not isinstance(i, int) or not 0 <= i < len(indices):
+        i = operator.index(i)  # numpy and torch integers index too
+        if not 0 <= i < len(indices):
             raise IndexError(f"{type(self).__name__} index {i!r} out of range 0..{len(indices) - 1}")
         return self.get_example(indices[i])
 
@@ -119,7 +121,8 @@ class TaskSequence:
         return self.total
 
     def __getitem__(self, i):
-        if not isinstance(i, int) or not 0 <= i < self.total:
+        i = operator.index(i)
+        if not 0 <= i < self.total:
             raise IndexError(f"TaskSequence index {i!r} out of range 0..{self.total - 1}")
         # the last task starting at or before i (an empty task shares its offset with the next)
         t = bisect.bisect_right(self.offsets, i) - 1

@@ -18,7 +18,7 @@ import functools
 import os
 import random
 
-from tasks.common import Task, assistant_text, in_test_split, render_mc
+from tasks.common import Task, in_test_split, render_mc
 
 WORDNET_DIR = "/usr/share/wordnet"
 POS_FILES = (("noun", "noun"), ("verb", "verb"), ("adjective", "adj"), ("adverb", "adv"))

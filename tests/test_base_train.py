@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from nanochat.tokenizer import RustBPETokenizer
+from test_core_eval import write_bundle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 32
@@ -81,7 +82,9 @@ def load_model_state(base_dir, step, tag="d2"):
 
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     base = make_base_dir(str(tmp_path / "run"))
-    proc = run_train(base, *train_args(**{"num-iterations": 24, "eval-every": 12, "sample-every": 24}))
+    write_bundle(os.path.join(base, "eval_bundle"))
+    proc = run_train(base, *train_args(**{"num-iterations": 24, "eval-every": 12, "sample-every": 24,
+                                          "core-metric-every": 12}))
     loss = losses(proc.stdout)
     assert sorted(loss) == list(range(1, 25))
     assert loss[24] < loss[1] - 0.5, loss
@@ -89,6 +92,8 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     assert bpb[24] < bpb[0], bpb
     assert "parameters:" in proc.stdout and "grad" not in proc.stderr.lower()  # the plan is printed
     assert "sample:" in proc.stdout
+    core = re.findall(r"step (\d+) \| CORE metric: (-?[\d.]+)", proc.stdout)
+    assert [int(step) for step, _ in core] == [12, 24] and all(-1 <= float(v) <= 1 for _, v in core)
     ckpt = os.path.join(base, "base_checkpoints", "d2")
     for step in (4, 8, 24):
         assert os.path.exists(os.path.join(ckpt, f"meta_{step:06d}.json"))
