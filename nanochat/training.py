@@ -111,3 +111,105 @@ class ProgressMeter:
         return (f"step {step + 1:05d}/{self.num_steps:05d} ({pct:.2f}%) | loss {loss:.6f} | lrm {lr_multiplier:.2f} "
                 f"| dt {dt * 1000:.0f}ms | tok/s {self.tokens_per_second(dt):,.0f} | mfu {mfu_str} "
                 f"| eta {format_duration(self.eta_seconds(step))}")
+
+
+def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_state):
+    """Checkpoint a training run after `step` optimizer steps, so that it can resume exactly.
+
+    A collective under torch.distributed (every rank calls it): each rank's data position is
+    gathered into meta["dataloader_state"] (a list indexed by rank), each rank saves its own
+    optimizer shard, and rank 0 saves the model, the RNG states and the meta. `meta` must hold
+    "model_config" (checkpoint_manager.save_checkpoint's contract).
+    """
+    import torch.distributed as dist
+    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint
+    from nanochat.common import get_dist_info
+    ddp, rank, _, world_size = get_dist_info()
+    loader_states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(loader_states, loader_state)
+    else:
+        loader_states[0] = loader_state
+    meta = {**meta, "dataloader_state": loader_states, "rng_state": capture_rng_state()}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=rank)
+
+
+def load_training_state(checkpoint_dir, step, model, optimizers, device):
+    """Restore model, optimizers and RNG from a save_training_state checkpoint, in place.
+
+    Returns (meta, loader_state): loader_state is this rank's data position.
+
+    Raises:
+        FileNotFoundError: no such checkpoint (the message lists the steps there are).
+        ValueError: the checkpoint was written by a different number of processes, or its
+            model does not fit `model` (the message names both shapes).
+    """
+    from nanochat.checkpoint_manager import load_checkpoint, restore_rng_state
+    from nanochat.common import get_dist_info
+    _, rank, _, world_size = get_dist_info()
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    saved_world = len(meta["dataloader_state"])
+    if saved_world != world_size:
+        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and this "
+                         f"run has {world_size}; resume with --nproc_per_node={saved_world}")
+    if meta["model_config"] != model.config.__dict__:
+        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} holds a {meta['model_config']} model, but this "
+                         f"run builds {model.config.__dict__}; use the flags of the original run")
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
+    for opt, state in zip(optimizers, optim_data):
+        opt.load_state_dict(state)
+    restore_rng_state(meta["rng_state"])
+    return meta, meta["dataloader_state"][rank]
+
+
+class PrefetchingLoader:
+    """Hands out (inputs, targets) from a loader that yields (inputs, targets, state), one batch ahead.
+
+    The next batch is fetched right after a batch is handed out, so the host prepares it while
+    the device computes. `state` is always the position after the last batch handed out (what
+    a checkpoint must store); it starts as `resume_state` (None = the beginning).
+    """
+
+    def __init__(self, loader, resume_state=None):
+        self.loader = loader
+        self.state = resume_state
+        self._batch = next(loader)
+
+    def next(self):
+        inputs, targets, state = self._batch
+        self.state = state
+        self._batch = next(self.loader)
+        return inputs, targets
+
+
+def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_multiplier, muon_momentum=None,
+               grad_clip=0.0):
+    """One optimizer step: grad_accum_steps forward/backward passes, then every optimizer steps.
+
+    batches: a PrefetchingLoader of (B, T) int64 (inputs, targets), targets -1 ignored.
+    Returns the step's mean loss (float, nats per target token) over micro-batches and, under
+    torch.distributed, over processes, so 1 process x 2k micro-batches and 2 processes x k
+    micro-batches report the same number. Gradients are averaged across processes by the
+    distributed optimizers (the model is not wrapped in DDP).
+    """
+    import torch
+    import torch.distributed as dist
+    device = next(model.parameters()).device
+    train_loss = torch.zeros((), device=device)
+    for _ in range(grad_accum_steps):
+        inputs, targets = batches.next()
+        with autocast_ctx:
+            loss = model(inputs, targets)
+        train_loss += loss.detach() / grad_accum_steps
+        (loss / grad_accum_steps).backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(train_loss)  # SUM: gloo has no AVG
+        train_loss /= dist.get_world_size()
+    return train_loss.item()

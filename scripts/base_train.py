@@ -17,10 +17,8 @@ import sys
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load_checkpoint, restore_rng_state,
-                                         save_checkpoint)
+from nanochat.checkpoint_manager import find_last_step
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
@@ -30,8 +28,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (ProgressMeter, format_duration, get_lr_multiplier, get_muon_momentum,
-                               set_lr_and_momentum)
+from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
+                               get_muon_momentum, load_training_state, save_training_state, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -149,37 +147,24 @@ loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_trai
 if args.resume or args.resume_from_step >= 0:
     try:
         resume_step = args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir)
-        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                       rank=ddp_rank)
-    except FileNotFoundError as e:
+        meta, loader_state = load_training_state(checkpoint_dir, resume_step, orig_model, optimizers, device)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"base_train: cannot resume: {e}. Drop --resume to start a new run.")
-    if meta["model_config"] != model_config.__dict__:
-        sys.exit(f"base_train: cannot resume: checkpoint {checkpoint_dir} step {resume_step} is a {meta['model_config']} "
-                 f"model but the flags give {model_config.__dict__}; use the same --depth/--max-seq-len and tokenizer")
     if meta.get("tokenizer_hash") != tokenizer.content_hash():
         sys.exit("base_train: cannot resume: the tokenizer changed since the checkpoint was written")
     if meta["num_iterations"] != num_iterations or meta["total_batch_size"] != args.total_batch_size:
         print0(f"warning: resuming a run planned for {meta['num_iterations']} steps of {meta['total_batch_size']} tokens "
                f"with {num_iterations} steps of {args.total_batch_size} tokens: the LR schedule changes")
-    orig_model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
-    for opt, state in zip(optimizers, optim_data):
-        opt.load_state_dict(state)
-    if len(meta["dataloader_state"]) != ddp_world_size:
-        sys.exit(f"base_train: cannot resume: the checkpoint was written by {len(meta['dataloader_state'])} processes "
-                 f"and this run has {ddp_world_size}; resume with --nproc_per_node={len(meta['dataloader_state'])}")
     start_step = resume_step
-    loader_state = meta["dataloader_state"][ddp_rank]
     loop_state = meta["loop_state"]
-    restore_rng_state(meta["rng_state"])
-    del model_data, optim_data
     print0(f"resumed from {checkpoint_dir} step {resume_step}")
 
 if use_compile:
     model = torch.compile(model, dynamic=False)
 
 # Data
-train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", device=device,
-                                                  resume_state_dict=loader_state)
+train_batches = PrefetchingLoader(tokenizing_distributed_data_loader(
+    args.device_batch_size, args.max_seq_len, "train", device=device, resume_state_dict=loader_state), loader_state)
 
 
 def build_val_loader():
@@ -210,19 +195,13 @@ meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
 
 def save(step):
     """Checkpoint after `step` optimizer steps (every rank calls this)."""
-    loader_states = [None] * ddp_world_size  # every rank reads its own stream of the data
-    if ddp:
-        dist.all_gather_object(loader_states, loader_state)
-    else:
-        loader_states[0] = loader_state
     meta = {
         "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
-        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "dataloader_state": loader_states,
-        "loop_state": loop_state, "rng_state": capture_rng_state(), "tokenizer_hash": tokenizer.content_hash(),
-        "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "loop_state": loop_state,
+        "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": args.device_batch_size,
+        "max_seq_len": args.max_seq_len,
     }
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=ddp_rank)
+    save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.state)
     print0(f"saved checkpoint {checkpoint_dir} step {step}")
 
 
@@ -230,7 +209,6 @@ def save(step):
 # Training loop. Iteration `step` first evaluates/samples/saves the model as it is after
 # `step` optimizer steps, then (unless it is the last) takes optimizer step number step+1.
 val_bpb = None
-x, y, next_loader_state = next(train_loader)  # prefetch the first batch
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
 
@@ -275,34 +253,17 @@ for step in range(start_step, num_iterations + 1):
     if last_step:
         break
 
-    # one optimizer step: grad_accum_steps forward/backward passes
+    # one optimizer step
+    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     synchronize()
     meter.start()
-    train_loss = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        with autocast_ctx:
-            loss = model(x, y)
-        train_loss += loss.detach() / grad_accum_steps
-        (loss / grad_accum_steps).backward()
-        loader_state = next_loader_state  # the data up to here is consumed
-        x, y, next_loader_state = next(train_loader)  # prefetch while the device works
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
-    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    set_lr_and_momentum(optimizers, lrm, get_muon_momentum(step))
-    for opt in optimizers:
-        opt.step()
-    model.zero_grad(set_to_none=True)
+    train_loss_f = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
+                              get_muon_momentum(step), args.grad_clip)
     synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
 
-    # log: the step's mean loss over micro-batches and processes, smoothed, so that 1 process x 2k
-    # micro-steps and 2 processes x k micro-steps print the same curve
-    if ddp:
-        dist.all_reduce(train_loss)  # SUM: gloo has no AVG
-        train_loss /= ddp_world_size
-    train_loss_f = train_loss.item()
+    # log the smoothed loss
     if not math.isfinite(train_loss_f):
         sys.exit(f"base_train: the loss became {train_loss_f} at step {step + 1}; lower the learning rates or "
                  f"resume from an earlier checkpoint with --resume-from-step")
