@@ -304,3 +304,24 @@ def restore_rng_state(state):
     torch.set_rng_state(to_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(to_tensor(state["cuda"]))
+
+
+def find_default_source():
+    """The most advanced stage with a complete checkpoint, in the order rl > sft > mid > base.
+
+    What chat_cli and chat_web load when no --source is given. A stage directory with no
+    complete checkpoint (empty, or only half-saved steps) does not count.
+
+    Raises:
+        FileNotFoundError: no stage has a checkpoint; the message says which script to run first.
+    """
+    base_dir = get_base_dir()
+    for source in ("rl", "sft", "mid", "base"):
+        checkpoints_dir = os.path.join(base_dir, SOURCES[source][0])
+        tags = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
+        if any(list_steps(os.path.join(checkpoints_dir, t)) for t in tags):
+            return source
+    raise FileNotFoundError(f"no model checkpoints under {base_dir} (looked in base_checkpoints, mid_checkpoints, "
+                            f"chatsft_checkpoints, chatrl_checkpoints); train one first: `python -m {SOURCES['base'][1]}`, "
+                            f"then `python -m {SOURCES['mid'][1]}` and `python -m {SOURCES['sft'][1]}` for a chat model "
+                            "(or set NANOCHAT_BASE_DIR to the directory that holds your checkpoints)")

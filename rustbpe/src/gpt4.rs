@@ -81,6 +81,11 @@ struct Scanner<'t> {
 impl Scanner<'_> {
     /// The character starting at byte `i` and its class, or None at the end of the text.
     fn at(&self, i: usize) -> Option<(char, Class)> {
+        let byte = *self.text.as_bytes().get(i)?;
+        // Most text is ASCII: skip UTF-8 decoding for it.
+        if byte.is_ascii() {
+            return Some((char::from(byte), self.tables.bmp[usize::from(byte)]));
+        }
         let c = self.text[i..].chars().next()?;
         Some((c, classify(self.tables, c)))
     }

@@ -69,8 +69,7 @@ impl Tokenizer {
 
         let num_merges = (vocab_size - 256) as usize;
         let merges = py.detach(|| {
-            let chunks = counts.iter().map(|(chunk, &n)| (chunk.as_bytes(), n));
-            train_merges(chunks, num_merges)
+            train_merges(counts.iter(), num_merges)
         });
         self.encoder = Some(Encoder::new(&merges));
         self.merges = merges;

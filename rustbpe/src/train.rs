@@ -57,7 +57,7 @@ struct PairIndex {
 ///
 /// Returns fewer merges when the chunks run out of pairs. The result does not depend on the
 /// order of `chunks`. Chunk counts must be positive.
-pub fn train_merges<'a>(chunks: impl IntoIterator<Item = (&'a [u8], i64)>, num_merges: usize) -> Vec<Pair> {
+pub fn train_merges<B: AsRef<[u8]>>(chunks: impl IntoIterator<Item = (B, i64)>, num_merges: usize) -> Vec<Pair> {
     let (mut chunks, mut index) = index_chunks(chunks);
     let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
         index.stats.iter().map(|(&key, stats)| (stats.count, Reverse(key))).collect();
@@ -90,11 +90,12 @@ pub fn train_merges<'a>(chunks: impl IntoIterator<Item = (&'a [u8], i64)>, num_m
 }
 
 /// Store the chunks as token ids and count their (byte) pairs.
-fn index_chunks<'a>(input: impl IntoIterator<Item = (&'a [u8], i64)>) -> (Chunks, PairIndex) {
+fn index_chunks<B: AsRef<[u8]>>(input: impl IntoIterator<Item = (B, i64)>) -> (Chunks, PairIndex) {
     let mut chunks = Chunks { ids: Vec::new(), starts: Vec::new(), lens: Vec::new(), counts: Vec::new() };
     // Initial pairs are byte pairs, so a dense table of 65536 slots counts them without hashing.
     let mut byte_pairs: Vec<PairStats> = (0..1 << 16).map(|_| PairStats::default()).collect();
     for (bytes, count) in input {
+        let bytes = bytes.as_ref();
         assert!(count > 0, "chunk counts must be positive");
         // A single byte has no pair to merge and never will.
         if bytes.len() < 2 {

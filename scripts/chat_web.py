@@ -1,0 +1,649 @@
+"""
+Serve a trained model over HTTP: the ChatGPT-like page, the page's streaming endpoint, and an
+OpenAI-compatible API, with one model replica (worker) per GPU.
+
+    python -m scripts.chat_web                                    # most advanced stage: rl > sft > mid > base
+    python -m scripts.chat_web --source sft --model-tag d20 --step 700 --port 8000
+    python -m scripts.chat_web --num-gpus 4 --host 0.0.0.0 --api-key "$KEY"
+
+Endpoints:
+    GET  /                      the chat page (nanochat/ui.html)
+    POST /chat/completions      the page's stream: data: {"token", "kind": text|python|output} ... data: {"done": true}
+    POST /v1/chat/completions   OpenAI chat completions, streaming (SSE) or not; n must be 1
+    GET  /v1/models             the loaded model, e.g. nanochat-sft-d20-step700
+    GET  /health, GET /stats    liveness; workers busy/free, requests served, tokens generated, tokens/s
+
+Errors are in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid JSON or a
+limit (message length, context length, n != 1, role order), 401 wrong or missing API key (/v1
+routes, with --api-key), 404 unknown route or model, 413 body over --max-body-bytes, 422 a field
+of the wrong type or out of range, 429 the wait queue is full (--max-queue), 503 no worker came
+free within --queue-timeout. top_p is accepted (0..1) and ignored: sampling is temperature plus
+top-k (top_k is accepted as an extension field). In /v1 content, tool calls appear as the
+special tokens that delimit them (<|python_start|>1+1<|python_end|><|output_start|>2<|output_end|>).
+
+Not for: batching many requests through one replica, or serving the public internet without a
+proxy in front (the page and its endpoint are not behind --api-key).
+"""
+
+import asyncio
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, find_last_step, load_model
+from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir, print0
+from nanochat.engine import Engine
+
+# Limits on one request; each error message states the number
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_TOTAL_CHARS = 32000
+MAX_TOP_K = 200
+MAX_NEW_TOKENS = 4096
+MAX_STOP_SEQUENCES = 4
+
+# Flags
+parser = ArgumentParser(description="Chat with a trained model in the browser, or through an OpenAI-compatible API")
+parser.add_argument("--source", default=None, choices=list(SOURCES), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
+parser.add_argument("--model-tag", default=None, help="default: the largest tag of the source")
+parser.add_argument("--step", type=int, default=None, help="default: the last step")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA sm80+, else float32")
+parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU/MPS: always 1)")
+parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (0..2)")
+parser.add_argument("--top-k", type=int, default=50, help=f"default top-k (1..{MAX_TOP_K})")
+parser.add_argument("--max-tokens", type=int, default=512, help="default tokens per reply, cut to what fits the context")
+parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface")
+parser.add_argument("--port", type=int, default=8000)
+parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="Bearer key the /v1 routes require (default: $NANOCHAT_API_KEY, or none)")
+parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a free worker before a 503")
+parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
+parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+args = parser.parse_args()
+if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
+    sys.exit(f"chat_web: --temperature must be in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_NEW_TOKENS}")
+
+# Model replicas: one per GPU
+try:
+    device_type = args.device_type or autodetect_device_type()
+    compute_init(device_type)
+    source = args.source or find_default_source()
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCES[source][0])
+    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
+    step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
+    if device_type == "cuda":
+        if not 1 <= args.num_gpus <= torch.cuda.device_count():
+            raise ValueError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
+        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+    else:
+        devices = [torch.device(device_type)]
+    replicas = [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices]
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"chat_web: {e}")
+dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)
+model0, tokenizer, _ = replicas[0]
+SEQUENCE_LEN = model0.config.sequence_len
+MODEL_ID = f"nanochat-{source}-{model_tag}-step{step}"
+CREATED = int(time.time())
+num_params = sum(p.numel() for p in model0.parameters())
+print0(f"Model {MODEL_ID}: {num_params / 1e6:.1f}M params, context {SEQUENCE_LEN} tokens, {str(dtype).removeprefix('torch.')} "
+       f"on {', '.join(str(d) for d in devices)}")
+SPECIAL = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+STOP_TOKENS = {SPECIAL["<|assistant_end|>"], SPECIAL["<|bos|>"]}
+# delimiter token -> the kind of the tokens that follow it
+KIND_AFTER = {SPECIAL["<|python_start|>"]: "python", SPECIAL["<|python_end|>"]: "text",
+              SPECIAL["<|output_start|>"]: "output", SPECIAL["<|output_end|>"]: "text"}
+UI_HTML = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html"), encoding="utf-8").read()
+
+
+# -----------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error a client gets as HTTP `status` with body {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status, message, param=None, code=None):
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param, "code": code}}
+
+
+# -----------------------------------------------------------------------------
+# Workers: a fair FIFO of requests waiting for a free replica
+
+class Worker:
+    """One model replica on one device; it serves one request at a time."""
+
+    def __init__(self, index, device, model, tokenizer):
+        self.index, self.device = index, device
+        self.engine = Engine(model, tokenizer)
+        self.requests_served = 0
+
+    def autocast(self):
+        """A fresh autocast context (one per generation: contexts keep state while entered)."""
+        return torch.amp.autocast(device_type=self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+class WorkerPool:
+    """Hands out free workers first come, first served.
+
+    A request that finds every worker busy waits in line (at most `max_queue` may wait, else 429)
+    for up to `queue_timeout` seconds (else 503). Methods run on the event loop's thread.
+    """
+
+    def __init__(self, workers, max_queue, queue_timeout):
+        self.workers = workers
+        self.free = deque(workers)
+        self.waiters = deque()  # futures of requests waiting in line, oldest first
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
+
+    async def acquire(self):
+        """Return a free worker. Raises APIError 429 (line full) or 503 (waited queue_timeout s)."""
+        if self.free and not self.waiters:
+            return self.free.popleft()
+        if len(self.waiters) >= self.max_queue:
+            raise APIError(429, f"the server is busy: {len(self.workers)} worker(s) busy and {len(self.waiters)} requests "
+                                f"waiting (--max-queue {self.max_queue}); retry later", code="queue_full")
+        handed = asyncio.get_running_loop().create_future()
+        self.waiters.append(handed)
+        try:
+            return await asyncio.wait_for(asyncio.shield(handed), self.queue_timeout)
+        except BaseException as e:
+            if handed.done() and not handed.cancelled():  # a worker arrived just as we gave up: pass it on
+                self.release(handed.result())
+            else:
+                handed.cancel()
+                self.waiters.remove(handed)
+            if isinstance(e, asyncio.TimeoutError):
+                raise APIError(503, f"no worker came free within {self.queue_timeout:g} s ({len(self.workers)} worker(s), "
+                                    "all busy); retry later", code="queue_timeout") from None
+            raise
+
+    def release(self, worker):
+        """Give `worker` to the oldest waiting request, or back to the free list."""
+        while self.waiters:
+            handed = self.waiters.popleft()
+            if not handed.done():
+                handed.set_result(worker)
+                return
+        self.free.append(worker)
+
+
+pool = WorkerPool([Worker(i, d, m, t) for i, (d, (m, t, _)) in enumerate(zip(devices, replicas))],
+                  args.max_queue, args.queue_timeout)
+stats = {"requests_served": 0, "tokens_generated": 0, "generation_seconds": 0.0, "errors": 0}
+
+
+class Generation:
+    """One reply being sampled by a worker in a thread of its own (the model is synchronous).
+
+    The thread starts at once, streams token ids back through an asyncio queue, and returns the
+    worker to the pool when it ends: after a stop token, after max_tokens, after cancel() (the
+    client went away: it stops within one token), or after an exception (the model holds no
+    per-request state, so the worker is fine to reuse; the error goes to the request).
+    """
+
+    _END = object()
+
+    def __init__(self, worker, tokens, max_tokens, temperature, top_k, seed):
+        self.loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(worker, tokens, max_tokens, temperature, top_k, seed), daemon=True)
+        self.thread.start()
+
+    def _send(self, item):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop closed (server shutting down)
+            self.stopped.set()
+
+    def _run(self, worker, tokens, max_tokens, temperature, top_k, seed):
+        t0, count = time.perf_counter(), 0
+        try:
+            with worker.autocast():
+                for token_column, _ in worker.engine.generate(tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed):
+                    if self.stopped.is_set():
+                        break
+                    count += 1
+                    self._send(token_column[0])
+                    if token_column[0] in STOP_TOKENS:
+                        break
+            self._send(self._END)
+        except Exception as e:  # any failure of the model belongs to this request, not to the server
+            if worker.device.type == "cuda":
+                torch.cuda.empty_cache()
+            print0(f"worker {worker.index}: generation failed: {type(e).__name__}: {e}")
+            self._send(e)
+        finally:
+            def finish():
+                stats["tokens_generated"] += count
+                stats["generation_seconds"] += time.perf_counter() - t0
+                worker.requests_served += 1
+                pool.release(worker)
+            try:
+                self.loop.call_soon_threadsafe(finish)
+            except RuntimeError:
+                pass
+
+    def cancel(self):
+        self.stopped.set()
+
+    async def tokens(self):
+        """Yield the sampled token ids (a stop token, if sampled, is the last one).
+
+        Raises:
+            APIError 500: the model raised; the message names the exception.
+        """
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, Exception):
+                    stats["errors"] += 1
+                    raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+                yield item
+        finally:
+            self.cancel()
+
+
+class TokenDecoder:
+    """Token ids -> pieces of text with their kind: "text", "python" (a tool call), "output"
+    (the tool's result), or "special" (a delimiter token, as its string).
+
+    Holds back up to 3 tokens while they decode to an incomplete UTF-8 character.
+    """
+
+    def __init__(self):
+        self.kind, self.pending = "text", []
+
+    def push(self, token):
+        if token in KIND_AFTER:
+            pieces = self.flush() + [("special", tokenizer.decode([token]))]
+            self.kind = KIND_AFTER[token]
+            return pieces
+        self.pending.append(token)
+        if len(self.pending) < 4 and tokenizer.decode(self.pending).endswith("\ufffd"):
+            return []
+        return self.flush()
+
+    def flush(self):
+        text, self.pending = tokenizer.decode(self.pending), []
+        return [(self.kind, text)] if text else []
+
+
+class StopMatcher:
+    """Ends a text stream at the first of some stop strings, which is not emitted.
+
+    push(text) -> (text safe to emit now, stopped). Text that could be the start of a stop string
+    is held back until the next piece decides it.
+    """
+
+    def __init__(self, stops):
+        self.stops, self.held = stops, ""
+
+    def push(self, text):
+        text = self.held + text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self):
+        text, self.held = self.held, ""
+        return text
+
+
+# -----------------------------------------------------------------------------
+# Requests
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class APIMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(StrictModel):
+    """POST /v1/chat/completions (fields OpenAI documents that we do not use are ignored)."""
+    model: str | None = None
+    messages: list[APIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class UIPart(StrictModel):
+    type: Literal["text", "python", "python_output"]
+    text: str
+
+
+class UIMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[UIPart]
+
+
+class UIChatRequest(StrictModel):
+    """POST /chat/completions, the page's endpoint: assistant turns may carry their tool parts."""
+    messages: list[UIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+def render_prompt(messages, max_tokens):
+    """Validated messages -> (prompt token ids, tokens to generate), checking the request limits.
+
+    max_tokens None means --max-tokens cut to the room left in the context.
+
+    Raises:
+        APIError 400: a message or the total too long, the wrong role order, or the prompt plus
+            max_tokens past the model's context; the message gives the numbers.
+    """
+    conversation = {"messages": [m.model_dump() for m in messages]}
+    total = 0
+    for i, m in enumerate(messages):
+        chars = len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
+        if chars > MAX_MESSAGE_CHARS:
+            raise APIError(400, f"messages[{i}] has {chars} characters; the limit is {MAX_MESSAGE_CHARS} per message", param=f"messages.{i}.content", code="message_too_long")
+        total += chars
+    if total > MAX_TOTAL_CHARS:
+        raise APIError(400, f"the messages have {total} characters in total; the limit is {MAX_TOTAL_CHARS}", param="messages", code="messages_too_long")
+    if messages[-1].role != "user":
+        raise APIError(400, f"the last message must be from the user (it is from the {messages[-1].role}): the model writes the assistant's reply to it", param="messages")
+    try:
+        tokens = tokenizer.render_for_completion(conversation)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    room = SEQUENCE_LEN - len(tokens)
+    if max_tokens is None:
+        if room < 1:
+            raise APIError(400, f"the prompt is {len(tokens)} tokens, which fills the model's context of {SEQUENCE_LEN} tokens; "
+                                "shorten the conversation", param="messages", code="context_length_exceeded")
+        return tokens, min(args.max_tokens, room)
+    if max_tokens > room:
+        raise APIError(400, f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} > the model's "
+                            f"context of {SEQUENCE_LEN} tokens; shorten the conversation or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+    return tokens, max_tokens
+
+
+def sampling(body):
+    """(temperature, top_k, seed) of a request, with the server's defaults; a fresh random seed unless given."""
+    temperature = args.temperature if body.temperature is None else body.temperature
+    top_k = args.top_k if body.top_k is None else body.top_k
+    seed = random.randrange(2**31) if body.seed is None else body.seed
+    return temperature, top_k, seed
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# -----------------------------------------------------------------------------
+# The app
+
+app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to a request body over `max_bytes` (by Content-Length, or by
+    counting a chunked body), before any route reads it."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.reject(int(declared), send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.reject(size, send)
+            more = message.get("more_body", False)
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the body once, then the client's later messages (its disconnect)
+            return body.pop() if body else await receive()
+        await self.app(scope, replay, send)
+
+    async def reject(self, size, send):
+        response = JSONResponse(error_body(413, f"the request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
+                                                "(--max-body-bytes)", code="request_too_large"), status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+async def check_api_key(request: Request):
+    """Dependency of the /v1 routes: with --api-key, require `Authorization: Bearer <key>` (401 otherwise)."""
+    if args.api_key is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or key.strip() != args.api_key:
+        raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>` with the key this "
+                            "server was started with (--api-key)", code="invalid_api_key")
+
+
+@app.exception_handler(APIError)
+async def handle_api_error(request, e):
+    return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def handle_validation_error(request, e):
+    errors = e.errors()
+    if any(err["type"] == "json_invalid" for err in errors):
+        detail = errors[0].get("ctx", {}).get("error", "")
+        return JSONResponse(error_body(400, f"the request body is not valid JSON ({detail})", code="invalid_json"), status_code=400)
+    def where(err):
+        return ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+    message = "; ".join(f"{where(err)}: {err['msg']}" for err in errors[:5])
+    return JSONResponse(error_body(422, f"invalid request: {message}", param=where(errors[0]), code="invalid_value"), status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def handle_http_error(request, e):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code), status_code=e.status_code)
+
+
+@app.get("/", response_class=HTMLResponse)
+async def index():
+    return UI_HTML
+
+
+@app.get("/health")
+async def health():
+    return {"status": "ok", "ready": True, "workers": len(pool.workers), "model": MODEL_ID}
+
+
+@app.get("/stats")
+async def get_stats():
+    seconds = stats["generation_seconds"]
+    busy = [w for w in pool.workers if w not in pool.free]
+    return {
+        "model": MODEL_ID,
+        "workers": {"total": len(pool.workers), "busy": len(busy), "free": len(pool.workers) - len(busy)},
+        "waiting": len(pool.waiters),
+        "requests_served": stats["requests_served"],
+        "tokens_generated": stats["tokens_generated"],
+        "tokens_per_second": round(stats["tokens_generated"] / seconds, 1) if seconds else 0.0,
+        "errors": stats["errors"],
+        "per_worker": [{"index": w.index, "device": str(w.device), "busy": w in busy, "requests_served": w.requests_served}
+                       for w in pool.workers],
+    }
+
+
+@app.get("/v1/models", dependencies=[Depends(check_api_key)])
+async def list_models():
+    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED, "owned_by": "nanochat"}]}
+
+
+@app.post("/chat/completions")
+async def ui_chat_completions(body: UIChatRequest):
+    tokens, max_tokens = render_prompt(body.messages, body.max_tokens)
+    temperature, top_k, seed = sampling(body)
+    worker = await pool.acquire()
+    generation = Generation(worker, tokens, max_tokens, temperature, top_k, seed)
+    stats["requests_served"] += 1
+
+    async def events():
+        decoder, count, finish = TokenDecoder(), 0, "length"
+        try:
+            async for token in generation.tokens():
+                count += 1
+                if token in STOP_TOKENS:
+                    finish = "stop"
+                    break
+                for kind, text in decoder.push(token):
+                    if kind != "special":
+                        yield sse({"token": text, "kind": kind})
+            for kind, text in decoder.flush():
+                yield sse({"token": text, "kind": kind})
+            yield sse({"done": True, "finish_reason": finish, "prompt_tokens": len(tokens), "completion_tokens": count})
+        except APIError as e:
+            yield sse({"error": e.message})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+async def openai_chat_completions(body: ChatCompletionRequest, request: Request):
+    if body.model not in (None, MODEL_ID, "nanochat"):
+        raise APIError(404, f"The model {body.model!r} does not exist; this server serves {MODEL_ID!r} (GET /v1/models)", param="model", code="model_not_found")
+    if body.n not in (None, 1):
+        raise APIError(400, f"n={body.n}: this server returns one choice per request; send n=1 (or leave it out)", param="n")
+    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
+        raise APIError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings, got {len(stops)}", param="stop")
+    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", param="max_tokens")
+    tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens)
+    temperature, top_k, seed = sampling(body)
+    worker = await pool.acquire()
+    generation = Generation(worker, tokens, max_tokens, temperature, top_k, seed)
+    stats["requests_served"] += 1
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
+
+    async def content_pieces():
+        """Yield the reply's text as it is sampled; sets usage and returns by setting finish[0]."""
+        decoder, matcher = TokenDecoder(), StopMatcher(stops)
+        async for token in generation.tokens():
+            usage["completion_tokens"] += 1
+            if token in STOP_TOKENS:
+                finish[0] = "stop"
+                break
+            for _, text in decoder.push(token):
+                text, stopped = matcher.push(text)
+                if text:
+                    yield text
+                if stopped:
+                    finish[0] = "stop"
+                    return
+        for _, text in decoder.flush():
+            text, stopped = matcher.push(text)
+            if text:
+                yield text
+            if stopped:
+                finish[0] = "stop"
+                return
+        if tail := matcher.flush():
+            yield tail
+
+    finish = ["length"]
+    usage_total = lambda: {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    if not body.stream:
+        content = []
+        try:
+            async for text in content_pieces():
+                content.append(text)
+                if await request.is_disconnected():
+                    break
+        finally:
+            generation.cancel()
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)}, "logprobs": None, "finish_reason": finish[0]}],
+                "usage": usage_total()}
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(delta, finish_reason=None):
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for text in content_pieces():
+                yield chunk({"content": text})
+            yield chunk({}, finish[0])
+            if include_usage:
+                yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
+                           "choices": [], "usage": usage_total()})
+        except APIError as e:
+            yield sse(error_body(e.status, e.message, code=e.code))
+        finally:
+            generation.cancel()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# Serve
+print0(f"nanochat is up: open http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
+       f"(OpenAI API at /v1{', key required' if args.api_key else ''})")
+uvicorn.run(BodySizeLimit(app, args.max_body_bytes), host=args.host, port=args.port, log_level="warning")

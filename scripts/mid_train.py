@@ -1,0 +1,179 @@
+"""
+Midtraining: teach a base model the chat format, tool calls and multiple-choice answers by
+training on conversations packed into full rows, with the loss on assistant tokens only.
+
+    python -m scripts.mid_train                                  # last base checkpoint
+    python -m scripts.mid_train --model-tag d34 --model-step 169150 --device-batch-size 4
+    python -m scripts.mid_train --resume                         # continue a killed run
+
+Reads base_checkpoints/<model_tag>/, writes mid_checkpoints/<model_tag>/.
+"""
+
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.chat_dataloader import packed_conversation_loader
+from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
+                             get_peak_flops, init_wandb, print0)
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
+                               get_muon_momentum, load_training_state, save_training_state, train_step)
+from tasks.common import HubUnavailableError
+from tasks.mixtures import mid_mixture, resolve_data_mode
+
+# -----------------------------------------------------------------------------
+# Flags
+parser = ArgumentParser(description="Midtrain a base model on conversations")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"],
+                    help="Hub datasets (online) or data built on this machine (offline); auto: online if the Hub answers")
+parser.add_argument("--model-tag", default=None, help="base model tag to start from (default: the largest)")
+parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the last)")
+parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's)")
+parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per process")
+parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
+parser.add_argument("--embedding-lr", type=float, default=0.2)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--init-lr-frac", type=float, default=1.0, help="start at this fraction of the base LRs")
+parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
+parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
+parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this model tag")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Setup: compute, the base model, the data
+try:
+    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+    model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
+                                             step=args.model_step)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"mid_train: {e}")
+device_type = device.type
+dtype = autodetect_dtype(device_type)
+autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+wandb_run = init_wandb(args.run, "nanochat-mid", user_config, ddp_rank)
+model_config = model.config
+model_tag = args.model_tag or f"d{model_config.n_layer}"
+T = args.max_seq_len or model_config.sequence_len
+if T > model_config.sequence_len:
+    sys.exit(f"mid_train: --max-seq-len {T} exceeds the model's context of {model_config.sequence_len} tokens")
+B = args.device_batch_size
+world_tokens_per_fwdbwd = B * T * ddp_world_size
+if args.total_batch_size % world_tokens_per_fwdbwd != 0:
+    sys.exit(f"mid_train: --total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
+             f"--max-seq-len x processes = {B} x {T} x {ddp_world_size} = {world_tokens_per_fwdbwd}")
+grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+
+try:
+    data = resolve_data_mode(args.data)
+    train_set, val_set = mid_mixture(data, "train"), mid_mixture(data, "val")
+except (HubUnavailableError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"mid_train: {e}")
+
+# Horizon: one pass over the mixture, estimated from the mean rendered length of a sample
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+else:
+    sample = range(0, len(train_set), max(1, len(train_set) // 200))
+    mean_tokens = sum(len(tokenizer.render_conversation(train_set[i], max_tokens=T + 1)[0]) for i in sample) / len(sample)
+    num_iterations = max(1, math.ceil(len(train_set) * mean_tokens / args.total_batch_size))
+
+# Optimizers, resume
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+start_step, loader_state = 0, None
+loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+if args.resume:
+    try:
+        resume_step = find_last_step(checkpoint_dir)
+        meta, loader_state = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"mid_train: cannot resume: {e}. Drop --resume to start from the base model.")
+    start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
+    print0(f"resumed from {checkpoint_dir} step {resume_step}")
+orig_model = model
+if device_type == "cuda":
+    model = torch.compile(model, dynamic=False)
+train_batches = PrefetchingLoader(packed_conversation_loader(
+    tokenizer, train_set, B, T, device, ddp_rank, ddp_world_size, loader_state), loader_state)
+token_bytes = get_token_bytes(device=device)
+
+print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
+print0(f"batch: {args.total_batch_size:,} tokens per step = {B} x {T} x {ddp_world_size} processes x "
+       f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
+meter = ProgressMeter(num_iterations, args.total_batch_size, orig_model.estimate_flops(),
+                      peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
+
+# -----------------------------------------------------------------------------
+# Training loop (same shape as base_train: evaluate/save the model after `step` steps, then step)
+val_bpb = None
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        model.eval()
+        val_loader = ((x, y) for x, y, _ in packed_conversation_loader(tokenizer, val_set, B, T, device, ddp_rank,
+                                                                       ddp_world_size))
+        with autocast_ctx:
+            val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // world_tokens_per_fwdbwd), token_bytes)
+        loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f} (assistant tokens)")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, {
+            "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
+            "val_bpb": val_bpb, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(),
+            "data": data, "base_checkpoint": {"model_tag": model_tag, "step": base_meta["step"]},
+        }, train_batches.state)
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    if last_step:
+        break
+
+    lrm = get_lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
+    synchronize()
+    meter.start()
+    train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
+                            get_muon_momentum(step))
+    synchronize()
+    dt = meter.stop(step)
+    loop_state["total_training_time"] += dt
+    if not math.isfinite(train_loss):
+        sys.exit(f"mid_train: the loss became {train_loss} at step {step + 1}; lower the learning rates "
+                 "(--init-lr-frac) or resume from an earlier checkpoint")
+    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
+    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
+    print0(meter.line(step, debiased, lrm, dt))
+    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt})
+
+# -----------------------------------------------------------------------------
+# Report
+sps = meter.seconds_per_step()
+mfu = meter.mfu(sps) if sps else None
+print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: {loop_state['min_val_bpb']:.4f}")
+get_report().log("Midtraining", [user_config, {
+    "data": data, "base checkpoint": f"{model_tag} step {base_meta['step']}", "steps": num_iterations,
+    "train conversations": len(train_set), "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
+    "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
+    "training time": format_duration(loop_state["total_training_time"]),
+}])
+wandb_run.finish()
+compute_cleanup()
