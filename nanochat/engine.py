@@ -30,10 +30,6 @@ class KVCache:
     def get_pos(self):
         return self.pos
 
-    def reset(self):
-        """Forget the cached tokens (the storage is kept and overwritten)."""
-        self.pos = 0
-
     def insert_kv(self, layer_idx, k, v):
         """Append k, v of shape (B, H_kv, T, head_dim) for `layer_idx`; return the layer's keys
         and values for positions [0, pos + T), each (B, H_kv, pos + T, head_dim)."""
@@ -138,14 +134,13 @@ class Engine:
         del prefill_cache
         done = [False] * num_samples
         for step in range(max_tokens):
-            if step > 0:
-                logits = self.model(next_ids, kv_cache=kv_cache)[:, -1, :]  # (num_samples, vocab_size)
             next_ids = sample_next_token(logits, rng, temperature, top_k)  # (num_samples, 1)
             token_column = next_ids[:, 0].tolist()
             yield token_column, [1] * num_samples
             done = [d or t in stop_tokens for d, t in zip(done, token_column)]
-            if all(done):
+            if all(done) or step == max_tokens - 1:
                 break
+            logits = self.model(next_ids, kv_cache=kv_cache)[:, -1, :]  # (num_samples, vocab_size)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Run generate() to the end and collect the rows.

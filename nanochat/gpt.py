@@ -88,6 +88,12 @@ def attention_mask(t_query, t_key, device):
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with RoPE, QK-norm and grouped-query heads.
+
+    forward(x (B, T, n_embd), (cos, sin) for positions t0..t0+T-1, kv_cache or None)
+    -> (B, T, n_embd). With a cache, queries attend to every cached key plus the new ones up
+    to their own position.
+    """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -111,11 +117,14 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         # QK-norm bounds the attention logits so no layer can blow up its softmax
+        # (Henry et al. 2020, https://arxiv.org/abs/2010.04245; Dehghani et al. 2023, ViT-22B)
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_cached + T, D)
         t_key = k.size(2)
+        # enable_gqa shares each k/v head among n_head/n_kv_head query heads without copying; on
+        # CUDA only the flash backend takes it, so it is passed only when the heads differ
         gqa = self.n_kv_head != self.n_head
         if T == t_key:  # training, or a prefill into an empty cache: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -129,6 +138,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """4x-wide feed-forward with ReLU²: (B, T, n_embd) -> (B, T, n_embd)."""
 
     def __init__(self, config):
         super().__init__()
@@ -142,6 +152,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -171,7 +182,8 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             # _weight skips nn.Embedding's normal_() init: init_weights does it, and normal_ on the
             # meta device costs ~15 s of one-off imports on a 2-core CPU
-            wte=nn.Embedding(self.padded_vocab_size, config.n_embd, _weight=torch.empty(self.padded_vocab_size, config.n_embd)),
+            wte=nn.Embedding(self.padded_vocab_size, config.n_embd,
+                             _weight=torch.empty(self.padded_vocab_size, config.n_embd)),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
@@ -298,7 +310,7 @@ class GPT(nn.Module):
         logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         if loss_reduction == "none":
             loss = loss.view(B, T)

@@ -51,7 +51,8 @@ def group_by_shape(params):
     params = list(params)
     for p in params:
         if p.dim() != 2:
-            raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}; give it to AdamW")
+            raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}; "
+                             "give it to AdamW")
     shapes = dict.fromkeys(p.shape for p in params)
     return [dict(params=[p for p in params if p.shape == shape]) for shape in shapes]
 

@@ -273,7 +273,9 @@ class TokenDecoder:
     """Token ids -> pieces of text with their kind: "text", "python" (a tool call), "output"
     (the tool's result), or "special" (a delimiter token, as its string).
 
-    Holds back up to 3 tokens while they decode to an incomplete UTF-8 character.
+    Holds tokens back while they end in an incomplete UTF-8 character (up to 16, so junk bytes
+    cannot stall a stream): every piece then ends on a character boundary, and the pieces join
+    to exactly tokenizer.decode(all tokens).
     """
 
     def __init__(self):
@@ -285,7 +287,7 @@ class TokenDecoder:
             self.kind = KIND_AFTER[token]
             return pieces
         self.pending.append(token)
-        if len(self.pending) < 4 and tokenizer.decode(self.pending).endswith("\ufffd"):
+        if len(self.pending) < 16 and tokenizer.decode(self.pending).endswith("\ufffd"):
             return []
         return self.flush()
 

@@ -16,7 +16,11 @@ pub struct Encoder {
 impl Encoder {
     /// Build an encoder from merges in training order (merge i creates token 256 + i).
     pub fn new(merges: &[Pair]) -> Self {
-        let merged = merges.iter().enumerate().map(|(i, &pair)| (pair, 256 + i as u32)).collect();
+        let merged = merges
+            .iter()
+            .enumerate()
+            .map(|(i, &pair)| (pair, 256 + i as u32))
+            .collect();
         Encoder { merged }
     }
 

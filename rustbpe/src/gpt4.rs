@@ -32,7 +32,11 @@ fn tables() -> &'static Tables {
     TABLES.get_or_init(|| {
         let mut bmp = vec![Class::Other; 0x10000];
         let mut astral = Vec::new();
-        for (pattern, class) in [(r"\p{L}", Class::Letter), (r"\p{N}", Class::Number), (r"\s", Class::Space)] {
+        for (pattern, class) in [
+            (r"\p{L}", Class::Letter),
+            (r"\p{N}", Class::Number),
+            (r"\s", Class::Space),
+        ] {
             let hir = regex_syntax::parse(pattern).expect("Unicode class parses");
             let HirKind::Class(HirClass::Unicode(ranges)) = hir.kind() else {
                 unreachable!("{pattern} is a Unicode class")
@@ -176,7 +180,10 @@ impl Scanner<'_> {
 
 /// Call `f` on each chunk of `text`, in order; the chunks tile the text.
 pub fn for_each_chunk<'t>(text: &'t str, max_digits: usize, mut f: impl FnMut(&'t str)) {
-    let scanner = Scanner { text, tables: tables() };
+    let scanner = Scanner {
+        text,
+        tables: tables(),
+    };
     let mut p = 0;
     while p < text.len() {
         let end = scanner.match_end(p, max_digits);
@@ -209,8 +216,8 @@ mod tests {
     /// non-ASCII letters and numbers (including astral ones), marks, symbols and emoji.
     const ALPHABET: &[char] = &[
         '\'', 's', 'S', 'ſ', 'd', 'M', 't', 'l', 'L', 'v', 'E', 'r', 'e', 'x', ' ', ' ', ' ', '\n', '\r',
-        '\t', '\u{a0}', '\u{85}', '\u{2028}', '\u{1c}', '0', '7', '٣', 'Ⅻ', '½', '𝟘', 'é', 'ß', 'Σ',
-        '中', '𝐀', '\u{301}', '!', '.', '-', '_', '\u{0}', '😀', '€',
+        '\t', '\u{a0}', '\u{85}', '\u{2028}', '\u{1c}', '0', '7', '٣', 'Ⅻ', '½', '𝟘', 'é', 'ß', 'Σ', '中',
+        '𝐀', '\u{301}', '!', '.', '-', '_', '\u{0}', '😀', '€',
     ];
 
     /// A small deterministic generator (xorshift64) so the comparison needs no extra crate.
@@ -225,7 +232,9 @@ mod tests {
         (0..count)
             .map(|_| {
                 let len = (next() % 24) as usize;
-                (0..len).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize]).collect()
+                (0..len)
+                    .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+                    .collect()
             })
             .collect()
     }

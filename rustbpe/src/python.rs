@@ -25,7 +25,12 @@ impl Tokenizer {
     #[new]
     fn new() -> Self {
         let splitter = Splitter::new(DEFAULT_PATTERN).expect("the default pattern compiles");
-        Tokenizer { pattern: DEFAULT_PATTERN.to_string(), splitter, merges: Vec::new(), encoder: None }
+        Tokenizer {
+            pattern: DEFAULT_PATTERN.to_string(),
+            splitter,
+            merges: Vec::new(),
+            encoder: None,
+        }
     }
 
     /// Train on the strings an iterator yields, learning `vocab_size - 256` merges.
@@ -50,7 +55,9 @@ impl Tokenizer {
             )));
         }
         if buffer_size < 1 {
-            return Err(PyValueError::new_err(format!("buffer_size must be at least 1, got {buffer_size}")));
+            return Err(PyValueError::new_err(format!(
+                "buffer_size must be at least 1, got {buffer_size}"
+            )));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
@@ -60,7 +67,8 @@ impl Tokenizer {
         let mut items = iterator.try_iter()?;
         loop {
             let exhausted = fill_buffer(&mut items, &mut buffer, buffer_size as usize)?;
-            py.detach(|| count_chunks(&splitter, &buffer, &mut counts)).map_err(PyValueError::new_err)?;
+            py.detach(|| count_chunks(&splitter, &buffer, &mut counts))
+                .map_err(PyValueError::new_err)?;
             buffer.clear();
             if exhausted {
                 break;
@@ -68,9 +76,7 @@ impl Tokenizer {
         }
 
         let num_merges = (vocab_size - 256) as usize;
-        let merges = py.detach(|| {
-            train_merges(counts.iter(), num_merges)
-        });
+        let merges = py.detach(|| train_merges(counts.iter(), num_merges));
         self.encoder = Some(Encoder::new(&merges));
         self.merges = merges;
         self.pattern = pattern;
@@ -103,15 +109,21 @@ impl Tokenizer {
     /// Encode a string into token ids. Raises ValueError if the tokenizer is not trained.
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         let encoder = self.trained_encoder()?;
-        py.detach(|| encoder.encode(&self.splitter, text)).map_err(PyValueError::new_err)
+        py.detach(|| encoder.encode(&self.splitter, text))
+            .map_err(PyValueError::new_err)
     }
 
     /// Encode many strings in parallel (GIL released); same result as encoding one by one.
     /// Raises ValueError if the tokenizer is not trained.
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
         let encoder = self.trained_encoder()?;
-        py.detach(|| texts.par_iter().map(|text| encoder.encode(&self.splitter, text)).collect::<Result<Vec<_>, _>>())
-            .map_err(PyValueError::new_err)
+        py.detach(|| {
+            texts
+                .par_iter()
+                .map(|text| encoder.encode(&self.splitter, text))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(PyValueError::new_err)
     }
 
     /// Decode token ids to a string; bytes that are not valid UTF-8 become U+FFFD.
@@ -121,7 +133,10 @@ impl Tokenizer {
         let mut bytes = Vec::new();
         for id in ids {
             let token = tokens.get(id as usize).ok_or_else(|| {
-                PyValueError::new_err(format!("token id {id} is outside the vocabulary of {}", tokens.len()))
+                PyValueError::new_err(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    tokens.len()
+                ))
             })?;
             bytes.extend_from_slice(token);
         }
@@ -131,20 +146,29 @@ impl Tokenizer {
 
 impl Tokenizer {
     fn trained_encoder(&self) -> PyResult<&Encoder> {
-        self.encoder
-            .as_ref()
-            .ok_or_else(|| PyValueError::new_err("the tokenizer is not trained yet: call train_from_iterator first"))
+        self.encoder.as_ref().ok_or_else(|| {
+            PyValueError::new_err("the tokenizer is not trained yet: call train_from_iterator first")
+        })
     }
 }
 
 /// Pull up to `size` strings from `items` into `buffer`; returns whether the iterator is done.
-fn fill_buffer(items: &mut Bound<'_, pyo3::types::PyIterator>, buffer: &mut Vec<String>, size: usize) -> PyResult<bool> {
+fn fill_buffer(
+    items: &mut Bound<'_, pyo3::types::PyIterator>,
+    buffer: &mut Vec<String>,
+    size: usize,
+) -> PyResult<bool> {
     while buffer.len() < size {
         let Some(item) = items.next() else { return Ok(true) };
         let item = item?;
         let text = item.downcast::<PyString>().map_err(|_| {
-            let type_name = item.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string());
-            PyTypeError::new_err(format!("train_from_iterator expects an iterator of str, got an item of type {type_name}"))
+            let type_name = item
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".to_string(), |n| n.to_string());
+            PyTypeError::new_err(format!(
+                "train_from_iterator expects an iterator of str, got an item of type {type_name}"
+            ))
         })?;
         buffer.push(text.to_str()?.to_owned());
     }

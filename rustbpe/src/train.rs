@@ -37,13 +37,16 @@ struct PairStats {
     chunks: Vec<u32>,
 }
 
-/// Unique chunks as token ids, stored back to back; merges shrink a chunk in place.
+/// Unique chunks stored back to back in one array, each as a header (its current length and
+/// its count as two u32 halves) followed by its token ids; merges shrink a chunk in place.
+///
+/// A chunk is named by the offset of its header, so visiting one costs a single cache miss
+/// rather than one per parallel array: profiling showed the merge loop bound by those misses.
 struct Chunks {
-    ids: Vec<u32>,
-    starts: Vec<usize>,
-    lens: Vec<u32>,
-    counts: Vec<i64>,
+    data: Vec<u32>,
 }
+
+const HEADER: usize = 3;
 
 /// Pair statistics, plus the pairs created by the merge in progress (they enter the heap once
 /// it is done, with their counts summed over all chunks).
@@ -57,13 +60,21 @@ struct PairIndex {
 ///
 /// Returns fewer merges when the chunks run out of pairs. The result does not depend on the
 /// order of `chunks`. Chunk counts must be positive.
-pub fn train_merges<B: AsRef<[u8]>>(chunks: impl IntoIterator<Item = (B, i64)>, num_merges: usize) -> Vec<Pair> {
+pub fn train_merges<B: AsRef<[u8]>>(
+    chunks: impl IntoIterator<Item = (B, i64)>,
+    num_merges: usize,
+) -> Vec<Pair> {
     let (mut chunks, mut index) = index_chunks(chunks);
-    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
-        index.stats.iter().map(|(&key, stats)| (stats.count, Reverse(key))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> = index
+        .stats
+        .iter()
+        .map(|(&key, stats)| (stats.count, Reverse(key)))
+        .collect();
     let mut merges = Vec::with_capacity(num_merges);
     while merges.len() < num_merges {
-        let Some((count, Reverse(key))) = heap.pop() else { break };
+        let Some((count, Reverse(key))) = heap.pop() else {
+            break;
+        };
         let current = index.stats.get(&key).map_or(0, |stats| stats.count);
         if current != count {
             if current > 0 {
@@ -91,7 +102,7 @@ pub fn train_merges<B: AsRef<[u8]>>(chunks: impl IntoIterator<Item = (B, i64)>, 
 
 /// Store the chunks as token ids and count their (byte) pairs.
 fn index_chunks<B: AsRef<[u8]>>(input: impl IntoIterator<Item = (B, i64)>) -> (Chunks, PairIndex) {
-    let mut chunks = Chunks { ids: Vec::new(), starts: Vec::new(), lens: Vec::new(), counts: Vec::new() };
+    let mut chunks = Chunks { data: Vec::new() };
     // Initial pairs are byte pairs, so a dense table of 65536 slots counts them without hashing.
     let mut byte_pairs: Vec<PairStats> = (0..1 << 16).map(|_| PairStats::default()).collect();
     for (bytes, count) in input {
@@ -101,7 +112,7 @@ fn index_chunks<B: AsRef<[u8]>>(input: impl IntoIterator<Item = (B, i64)>) -> (C
         if bytes.len() < 2 {
             continue;
         }
-        let chunk = u32::try_from(chunks.starts.len()).expect("at most 2^32 unique chunks");
+        let chunk = u32::try_from(chunks.data.len()).expect("unique chunks fit in 2^32 token ids");
         for pair in bytes.windows(2) {
             let stats = &mut byte_pairs[(usize::from(pair[0]) << 8) | usize::from(pair[1])];
             stats.count += count;
@@ -109,15 +120,18 @@ fn index_chunks<B: AsRef<[u8]>>(input: impl IntoIterator<Item = (B, i64)>) -> (C
                 stats.chunks.push(chunk);
             }
         }
-        chunks.starts.push(chunks.ids.len());
-        chunks.lens.push(bytes.len() as u32);
-        chunks.counts.push(count);
-        chunks.ids.extend(bytes.iter().map(|&b| u32::from(b)));
+        let count = count as u64;
+        chunks
+            .data
+            .extend([bytes.len() as u32, count as u32, (count >> 32) as u32]);
+        chunks.data.extend(bytes.iter().map(|&b| u32::from(b)));
     }
     let mut index = PairIndex::default();
     for (slot, stats) in byte_pairs.into_iter().enumerate() {
         if stats.count > 0 {
-            index.stats.insert(pack((slot >> 8) as u32, (slot & 0xff) as u32), stats);
+            index
+                .stats
+                .insert(pack((slot >> 8) as u32, (slot & 0xff) as u32), stats);
         }
     }
     (chunks, index)
@@ -131,9 +145,10 @@ impl Chunks {
     /// the second one.
     fn merge(&mut self, chunk: u32, key: u64, new_id: u32, index: &mut PairIndex) {
         let (a, b) = unpack(key);
-        let c = chunk as usize;
-        let (start, len, count) = (self.starts[c], self.lens[c] as usize, self.counts[c]);
-        let ids = &mut self.ids[start..start + len];
+        let header = chunk as usize;
+        let len = self.data[header] as usize;
+        let count = (u64::from(self.data[header + 1]) | (u64::from(self.data[header + 2]) << 32)) as i64;
+        let ids = &mut self.data[header + HEADER..header + HEADER + len];
         let is_occurrence = |ids: &[u32], j: usize| j + 1 < len && ids[j] == a && ids[j + 1] == b;
         let mut out = 0;
         let mut i = 0;
@@ -163,7 +178,7 @@ impl Chunks {
             out += 1;
             i += 2;
         }
-        self.lens[c] = out as u32;
+        self.data[header] = out as u32;
     }
 }
 
@@ -198,8 +213,10 @@ mod tests {
 
     /// Straightforward BPE: recount every pair before every merge.
     fn reference(chunks: &[(&[u8], i64)], num_merges: usize) -> Vec<Pair> {
-        let mut words: Vec<(Vec<u32>, i64)> =
-            chunks.iter().map(|(b, c)| (b.iter().map(|&x| u32::from(x)).collect(), *c)).collect();
+        let mut words: Vec<(Vec<u32>, i64)> = chunks
+            .iter()
+            .map(|(b, c)| (b.iter().map(|&x| u32::from(x)).collect(), *c))
+            .collect();
         let mut merges = Vec::new();
         while merges.len() < num_merges {
             let mut counts: FxHashMap<Pair, i64> = FxHashMap::default();
@@ -208,7 +225,9 @@ mod tests {
                     *counts.entry((p[0], p[1])).or_default() += c;
                 }
             }
-            let Some((&best, _)) = counts.iter().max_by_key(|(p, c)| (**c, Reverse(**p))) else { break };
+            let Some((&best, _)) = counts.iter().max_by_key(|(p, c)| (**c, Reverse(**p))) else {
+                break;
+            };
             let new_id = 256 + merges.len() as u32;
             for (w, _) in &mut words {
                 let mut merged = Vec::with_capacity(w.len());
@@ -231,10 +250,20 @@ mod tests {
 
     #[test]
     fn repeated_runs_merge_like_the_reference() {
-        let chunks: Vec<(&[u8], i64)> =
-            vec![(b"aaaa", 3), (b"aaa", 2), (b"abab", 5), (b"ababab", 1), (b"ba", 4), (b" aaab", 2)];
+        let chunks: Vec<(&[u8], i64)> = vec![
+            (b"aaaa", 3),
+            (b"aaa", 2),
+            (b"abab", 5),
+            (b"ababab", 1),
+            (b"ba", 4),
+            (b" aaab", 2),
+        ];
         for n in 0..12 {
-            assert_eq!(train_merges(chunks.iter().copied(), n), reference(&chunks, n), "{n} merges");
+            assert_eq!(
+                train_merges(chunks.iter().copied(), n),
+                reference(&chunks, n),
+                "{n} merges"
+            );
         }
     }
 

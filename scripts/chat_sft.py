@@ -1,0 +1,190 @@
+"""
+Supervised finetuning (SFT): train on whole conversations, one per row, with the loss on
+assistant tokens only. Starts from the midtrained model (or the base model).
+
+    python -m scripts.chat_sft                       # from the last mid checkpoint
+    python -m scripts.chat_sft --source base --model-tag d20
+    python -m scripts.chat_sft --resume              # continue a killed run
+
+Writes chatsft_checkpoints/<model_tag>/.
+"""
+
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.chat_dataloader import sft_batches
+from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
+                             init_wandb, print0)
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, load_training_state,
+                               save_training_state, train_step)
+from tasks.common import HubUnavailableError
+from tasks.mixtures import resolve_data_mode, sft_mixture
+
+# -----------------------------------------------------------------------------
+# Flags
+parser = ArgumentParser(description="Supervised finetuning on conversations")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"],
+                    help="Hub datasets (online) or data built on this machine (offline); auto: online if the Hub answers")
+parser.add_argument("--source", default="mid", choices=["base", "mid"], help="which checkpoint to start from")
+parser.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest)")
+parser.add_argument("--model-step", type=int, default=None, help="checkpoint step to start from (default: the last)")
+parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass per process")
+parser.add_argument("--target-examples-per-step", type=int, default=32, help="conversations per optimizer step")
+parser.add_argument("--num-epochs", type=int, default=1)
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs passes)")
+parser.add_argument("--max-seq-len", type=int, default=None, help="crop conversations to this many tokens (default: the model's)")
+parser.add_argument("--embedding-lr", type=float, default=0.2)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--init-lr-frac", type=float, default=0.02, help="start at this fraction of the LRs, decay to 0")
+parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: only at the end)")
+parser.add_argument("--eval-steps", type=int, default=100, help="val batches per val loss")
+parser.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps (-1: off)")
+parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task for those")
+parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this model tag")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Setup: compute, the model, the data
+try:
+    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
+                                               step=args.model_step)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"chat_sft: {e}")
+dtype = autodetect_dtype(device.type)
+autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+wandb_run = init_wandb(args.run, "nanochat-sft", user_config, ddp_rank)
+model_config = model.config
+model_tag = args.model_tag or f"d{model_config.n_layer}"
+max_tokens = args.max_seq_len or model_config.sequence_len
+B = args.device_batch_size
+examples_per_fwdbwd = B * ddp_world_size
+if args.target_examples_per_step % examples_per_fwdbwd != 0:
+    sys.exit(f"chat_sft: --target-examples-per-step {args.target_examples_per_step} is not a multiple of "
+             f"--device-batch-size x processes = {B} x {ddp_world_size}")
+grad_accum_steps = args.target_examples_per_step // examples_per_fwdbwd
+checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
+
+try:
+    data = resolve_data_mode(args.data)
+    train_set, val_set = sft_mixture(data, "train"), sft_mixture(data, "val")
+except (HubUnavailableError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"chat_sft: {e}")
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+else:
+    num_iterations = max(1, args.num_epochs * len(train_set) // args.target_examples_per_step)
+metric_tasks = ["MMLU", "ARC-Easy"] if data == "online" else ["DefinitionMC", "Arithmetic"]
+
+# Optimizers, resume
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+start_step, position = 0, 0
+loop_state = {"min_val_loss": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+if args.resume:
+    try:
+        resume_step = find_last_step(checkpoint_dir)
+        meta, position = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"chat_sft: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
+    start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
+    print0(f"resumed from {checkpoint_dir} step {resume_step}")
+train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_tokens, device, ddp_rank, ddp_world_size,
+                                              position), position)
+
+print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
+print0(f"batch: {args.target_examples_per_step} conversations per step = {B} x {ddp_world_size} processes x "
+       f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
+meter = ProgressMeter(num_iterations, args.target_examples_per_step, 0, None, start_step=start_step)
+
+
+def evaluate_val_loss():
+    """Mean loss (nats per assistant token) over eval_steps batches of the val mixture, all ranks."""
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i, (inputs, targets, _) in enumerate(sft_batches(tokenizer, val_set, B, max_tokens, device, ddp_rank,
+                                                          ddp_world_size)):
+        if i == args.eval_steps:
+            break
+        with autocast_ctx:
+            total += model(inputs, targets, loss_reduction="sum").float()
+        count += (targets >= 0).sum()
+    if ddp:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return (total / count.clamp(min=1)).item()
+
+
+# -----------------------------------------------------------------------------
+# Training loop: evaluate/save the model after `step` steps, then take step number step+1
+val_loss, metrics = None, {}
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        model.eval()
+        val_loss = evaluate_val_loss()
+        loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
+        print0(f"step {step:05d} | val loss {val_loss:.4f}")
+        wandb_run.log({"step": step, "val/loss": val_loss})
+        model.train()
+    if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
+        from scripts.chat_eval import run_chat_eval  # the chat evaluator lives with its script, as upstream
+        model.eval()
+        engine = Engine(model, tokenizer)
+        with autocast_ctx:
+            metrics = {name: run_chat_eval(name, model, tokenizer, engine, batch_size=B, num_samples=1,
+                                           max_new_tokens=256, temperature=0.0, top_k=50,
+                                           max_problems=args.eval_metrics_max_problems) for name in metric_tasks}
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        wandb_run.log({"step": step, **{f"metrics/{k}": v for k, v in metrics.items()}})
+        model.train()
+    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        save_training_state(checkpoint_dir, step, model, optimizers, {
+            "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
+            "val_loss": val_loss, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
+            "source_checkpoint": {"source": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+        }, train_batches.state)
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    if last_step:
+        break
+
+    lrm = 1.0 - step / num_iterations  # linear decay to 0
+    synchronize()
+    meter.start()
+    train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm)
+    synchronize()
+    dt = meter.stop(step)
+    loop_state["total_training_time"] += dt
+    if not math.isfinite(train_loss):
+        sys.exit(f"chat_sft: the loss became {train_loss} at step {step + 1}; lower --init-lr-frac")
+    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
+    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
+    print0(meter.line(step, debiased, lrm, dt).replace("tok/s", "conversations/s"))
+    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm})
+
+# -----------------------------------------------------------------------------
+# Report
+print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val loss: {loop_state['min_val_loss']:.4f}")
+get_report().log("Chat SFT", [user_config, {
+    "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}", "steps": num_iterations,
+    "train conversations": len(train_set), "minimum val loss": loop_state["min_val_loss"], "final val loss": val_loss,
+    **{f"{k} accuracy": v for k, v in metrics.items()},
+    "training time": format_duration(loop_state["total_training_time"]),
+}])
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,87 @@
+"""
+scripts/mid_train.py and scripts/chat_sft.py on CPU with the offline task data: each trains
+from the previous stage's checkpoint, lowers its validation loss, and a run resumed from an
+intermediate checkpoint ends bit-identical to the uninterrupted run.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_base_train import REPO, make_base_dir, run_env
+
+pytestmark = pytest.mark.slow
+
+
+def run(base_dir, module, *args):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=run_env(base_dir),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def drop_step(checkpoint_dir, step):
+    """Remove one checkpoint, as if the run had been killed before writing it."""
+    for name in os.listdir(checkpoint_dir):
+        if re.fullmatch(rf"(model|meta|optim)_{step:06d}.*", name):
+            os.remove(os.path.join(checkpoint_dir, name))
+
+
+def assert_same_model(dir_a, dir_b, step):
+    a = torch.load(os.path.join(dir_a, f"model_{step:06d}.pt"), weights_only=True)
+    b = torch.load(os.path.join(dir_b, f"model_{step:06d}.pt"), weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base dir with a d2 base checkpoint and identity conversations."""
+    base = make_base_dir(str(tmp_path_factory.mktemp("chat") / "base"))
+    run(base, "scripts.base_train", "--depth=2", "--max-seq-len=64", "--device-batch-size=2",
+        "--total-batch-size=128", "--num-iterations=4", "--eval-every=-1", "--eval-tokens=128",
+        "--sample-every=-1", "--core-metric-every=-1")
+    run(base, "dev.gen_identity_data", "--output", os.path.join(base, "identity_conversations.jsonl"))
+    return base
+
+
+def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
+    flags = ["--data=offline", "--device-batch-size=2", "--max-seq-len=64", "--total-batch-size=256",
+             "--num-iterations=8", "--eval-every=8", "--eval-tokens=512", "--save-every=4", "--matrix-lr=0.05"]
+    proc = run(base_dir, "scripts.mid_train", *flags)
+    assert "Loaded base model d2 step 4" in proc.stdout
+    bpb = [float(v) for v in re.findall(r"val bpb ([\d.]+)", proc.stdout)]
+    assert len(bpb) == 2 and bpb[1] < bpb[0], bpb
+    ckpt = os.path.join(base_dir, "mid_checkpoints", "d2")
+    reference = str(tmp_path / "reference")
+    shutil.copytree(ckpt, reference)
+    drop_step(ckpt, 8)
+    resumed = run(base_dir, "scripts.mid_train", *flags, "--resume")
+    assert "resumed from" in resumed.stdout
+    assert_same_model(reference, ckpt, 8)
+    assert os.path.exists(os.path.join(base_dir, "report", "midtraining.md"))
+
+
+def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
+    if not os.path.isdir(os.path.join(base_dir, "mid_checkpoints", "d2")):
+        run(base_dir, "scripts.mid_train", "--data=offline", "--device-batch-size=2", "--max-seq-len=64",
+            "--total-batch-size=128", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=128")
+    flags = ["--data=offline", "--device-batch-size=2", "--target-examples-per-step=4", "--max-seq-len=64",
+             "--num-iterations=8", "--eval-every=8", "--eval-steps=4", "--eval-metrics-every=-1",
+             "--save-every=4", "--init-lr-frac=0.5"]
+    proc = run(base_dir, "scripts.chat_sft", *flags)
+    assert "Loaded mid model d2" in proc.stdout
+    losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", proc.stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    ckpt = os.path.join(base_dir, "chatsft_checkpoints", "d2")
+    reference = str(tmp_path / "reference")
+    shutil.copytree(ckpt, reference)
+    drop_step(ckpt, 8)
+    run(base_dir, "scripts.chat_sft", *flags, "--resume")
+    assert_same_model(reference, ckpt, 8)
+    assert os.path.exists(os.path.join(base_dir, "report", "chat-sft.md"))
