@@ -200,7 +200,9 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
     for _ in range(grad_accum_steps):
         inputs, targets = batches.next()
         with autocast_ctx:
-            loss = model(inputs, targets)
+            # sum / count rather than the mean: a chat micro-batch may hold no assistant token at
+            # all, and the mean over zero targets is NaN
+            loss = model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
         train_loss += loss.detach() / grad_accum_steps
         (loss / grad_accum_steps).backward()
     if grad_clip > 0:

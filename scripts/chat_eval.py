@@ -5,7 +5,7 @@ the accuracy's distance from random guessing, (acc - baseline) / (1 - baseline).
     python -m scripts.chat_eval -i sft                              # every task of the data mode
     python -m scripts.chat_eval -i mid -a ARC-Easy MMLU             # some tasks ("ARC-Easy|MMLU" works too)
     python -m scripts.chat_eval -i sft -a Arithmetic DefinitionMC --max-problems 50 --data offline
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i rl
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i rl
 
 Categorical tasks (multiple choice) are scored without sampling: the answer is the letter whose
 token gets the highest logit right after <|assistant_start|>. Generative tasks sample replies
@@ -16,6 +16,7 @@ Reads {base,mid,chatsft,chatrl}_checkpoints/<model_tag>/, writes the report sect
 "Chat evaluation <source>". Importable: chat_sft calls run_chat_eval during training.
 """
 
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -23,8 +24,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_dist_info, print0
+from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
+                             get_dist_info, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.common import HubUnavailableError
@@ -37,7 +39,8 @@ parser.add_argument("-i", "--source", required=True, choices=["base", "mid", "sf
 parser.add_argument("-a", "--task-name", nargs="+", default=None,
                     help=f"tasks to run (default: all of the data mode); any of {list(EVAL_TASKS)}")
 parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"],
-                    help="which default task list: nanochat's (online, needs the Hub) or the offline one; auto: online if the Hub answers")
+                    help="default task list: nanochat's (online, needs the Hub) or the offline one; "
+                         "auto: online if the Hub answers")
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most N problems per task")
 parser.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass (categorical tasks)")
 parser.add_argument("-n", "--num-samples", type=int, default=1, help="replies per problem (generative tasks; pass@k)")
@@ -77,7 +80,7 @@ def _letter_token_ids(tokenizer, letters, task_name):
 
 @torch.no_grad()
 def run_categorical_eval(task, model, tokenizer, batch_size, max_problems=None, task_name="task"):
-    """Accuracy of a multiple-choice task by comparing the logits of the answer letters.
+    """(passed, total) on a multiple-choice task, by comparing the logits of the answer letters.
 
     Each prompt is render_for_completion(conversation), which ends in <|assistant_start|>; the
     prediction is the letter among conversation["letters"] whose token has the highest logit at
@@ -106,7 +109,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size, max_problems=None, 
 
 def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
                         max_problems=None, task_name="task"):
-    """Accuracy (pass@num_samples) of a task graded on sampled replies.
+    """(passed, total) on a task graded on sampled replies, passed counting pass@num_samples.
 
     Each problem's prompt is prefilled once and num_samples replies are decoded by the engine
     (tool calls and their outputs included); the problem passes if task.evaluate accepts any
@@ -128,9 +131,9 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
     return _all_reduce_counts(passed, len(indices), device)
 
 
-def run_chat_eval(task_name, model, tokenizer, engine, batch_size, num_samples, max_new_tokens, temperature, top_k,
+def evaluate_task(task_name, model, tokenizer, engine, batch_size, num_samples, max_new_tokens, temperature, top_k,
                   max_problems=None):
-    """Accuracy in [0, 1] of the model on the EVAL_TASKS task `task_name`.
+    """(passed, total) of the model on the EVAL_TASKS task `task_name`, summed over processes.
 
     Under torchrun every process takes every world_size-th problem and the counts are summed,
     so the result is the same as in one process. Callers choose the precision (wrap the call
@@ -144,11 +147,19 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size, num_samples, 
     was_training = model.training
     model.eval()
     if task.eval_type == "categorical":
-        passed, total = run_categorical_eval(task, model, tokenizer, batch_size, max_problems, task_name)
+        counts = run_categorical_eval(task, model, tokenizer, batch_size, max_problems, task_name)
     else:
-        passed, total = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                                            max_problems, task_name)
+        counts = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
+                                     max_problems, task_name)
     model.train(was_training)
+    return counts
+
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size, num_samples, max_new_tokens, temperature, top_k,
+                  max_problems=None):
+    """Accuracy in [0, 1] of the model on the EVAL_TASKS task `task_name` (see evaluate_task)."""
+    passed, total = evaluate_task(task_name, model, tokenizer, engine, batch_size, num_samples, max_new_tokens,
+                                  temperature, top_k, max_problems)
     return passed / total if total else 0.0
 
 
@@ -157,7 +168,8 @@ def chat_core(accuracies):
 
     0 is random guessing, 1 is every task solved. accuracies: {task name: accuracy}.
     """
-    centered = [(acc - EVAL_TASKS[name].baseline) / (1.0 - EVAL_TASKS[name].baseline) for name, acc in accuracies.items()]
+    centered = [(acc - EVAL_TASKS[name].baseline) / (1.0 - EVAL_TASKS[name].baseline)
+                for name, acc in accuracies.items()]
     return sum(centered) / len(centered)
 
 
@@ -189,16 +201,21 @@ def _task_names(requested, data):
 
 def main():
     args = parser.parse_args()
+    for flag in ("batch_size", "num_samples", "max_new_tokens", "max_problems"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            sys.exit(f"chat_eval: --{flag.replace('_', '-')} must be at least 1, got {value}")
 
     # -------------------------------------------------------------------------
     # Setup: compute, the model, the task list
     try:
-        ddp, _, _, _, device = compute_init(args.device_type)
+        _, _, _, _, device = compute_init(args.device_type)
         data = resolve_data_mode(args.data)
+        task_names = _task_names(args.task_name, data)
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"chat_eval: {e}")
-    task_names = _task_names(args.task_name, data)
+    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
     dtype = autodetect_dtype(device.type)
     autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     engine = Engine(model, tokenizer)
@@ -210,11 +227,12 @@ def main():
         t0 = time.time()
         try:
             with autocast_ctx:
-                accuracies[name] = run_chat_eval(name, model, tokenizer, engine, args.batch_size, args.num_samples,
-                                                 args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
+                passed, total = evaluate_task(name, model, tokenizer, engine, args.batch_size, args.num_samples,
+                                              args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
         except (HubUnavailableError, ImportError, FileNotFoundError, ValueError) as e:
             sys.exit(f"chat_eval: task {name}: {e}")
-        print0(f"{name}: {accuracies[name]:.4f} ({time.time() - t0:.1f}s)")
+        accuracies[name] = passed / total if total else 0.0
+        print0(f"{name}: {accuracies[name]:.4f} ({passed}/{total} passed, {time.time() - t0:.1f}s)")
 
     # -------------------------------------------------------------------------
     # Summary and report
@@ -222,7 +240,7 @@ def main():
     print0(table)
     print0(f"ChatCORE: {chat_core(accuracies):.4f}")
     get_report().log(f"Chat evaluation {args.source}", [{
-        "source": args.source, "model": f"{meta['model_config']['n_layer']} layers, step {meta['step']}", "data": data,
+        "source": args.source, "checkpoint": f"{model_tag} step {meta['step']}", "data": data,
         "max problems per task": args.max_problems or "all", "num samples": args.num_samples,
         "temperature": args.temperature, "top k": args.top_k, "max new tokens": args.max_new_tokens,
     }, table, {"ChatCORE": chat_core(accuracies)}])

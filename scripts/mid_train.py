@@ -132,8 +132,12 @@ for step in range(start_step, num_iterations + 1):
         model.eval()
         val_loader = ((x, y) for x, y, _ in packed_conversation_loader(tokenizer, val_set, B, T, device, ddp_rank,
                                                                        ddp_world_size))
-        with autocast_ctx:
-            val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // world_tokens_per_fwdbwd), token_bytes)
+        try:
+            with autocast_ctx:
+                val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // world_tokens_per_fwdbwd),
+                                       token_bytes)
+        except ValueError as e:
+            sys.exit(f"mid_train: {e}; raise --eval-tokens so the validation rows hold assistant tokens")
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f} (assistant tokens)")
         wandb_run.log({"step": step, "val/bpb": val_bpb})

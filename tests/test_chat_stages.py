@@ -68,12 +68,13 @@ def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
 
 
 def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
-    if not os.path.isdir(os.path.join(base_dir, "mid_checkpoints", "d2")):
-        run(base_dir, "scripts.mid_train", "--data=offline", "--device-batch-size=2", "--max-seq-len=64",
-            "--total-batch-size=128", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=128")
+    base_dir = shutil.copytree(base_dir, str(tmp_path / "sft"))  # independent of the mid test's checkpoints
+    shutil.rmtree(os.path.join(base_dir, "mid_checkpoints"), ignore_errors=True)
+    run(base_dir, "scripts.mid_train", "--data=offline", "--device-batch-size=2", "--max-seq-len=64",
+        "--total-batch-size=128", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=512")
     flags = ["--data=offline", "--device-batch-size=2", "--target-examples-per-step=4", "--max-seq-len=64",
-             "--num-iterations=8", "--eval-every=8", "--eval-steps=4", "--eval-metrics-every=-1",
-             "--save-every=4", "--init-lr-frac=0.5"]
+             "--num-iterations=8", "--eval-every=8", "--eval-steps=8", "--eval-metrics-every=-1",
+             "--save-every=4", "--init-lr-frac=1.0"]
     proc = run(base_dir, "scripts.chat_sft", *flags)
     assert "Loaded mid model d2" in proc.stdout
     losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", proc.stdout)]

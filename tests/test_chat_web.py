@@ -25,8 +25,8 @@ TEXTS = ["The cat sat on the mat. Hello, how are you today? I am fine, thank you
 def build_base_dir(base_dir):
     """A NANOCHAT_BASE_DIR with a small BPE tokenizer and two 1-layer chat (sft) models at step 0:
 
-    d1      random init (near-uniform next token, so replies end on their own after ~100 tokens), context 256
-    chatty  crafted so it never samples <|assistant_end|> or <|bos|>, context 4096 (long streams)
+    d1      1 layer, random init (near-uniform next token, so replies end on their own after ~100 tokens), context 256
+    chatty  4 layers, crafted so it never samples <|assistant_end|> or <|bos|>, context 4096 (long, slower streams)
     """
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
@@ -35,8 +35,8 @@ def build_base_dir(base_dir):
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
     vocab_size = tokenizer.get_vocab_size()
     torch.manual_seed(0)
-    for tag, sequence_len in (("d1", 256), ("chatty", 4096)):
-        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+    for tag, sequence_len, n_layer, n_embd in (("d1", 256, 1, 64), ("chatty", 4096, 4, 128)):
+        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=1, n_kv_head=1, n_embd=n_embd))
         model.init_weights()
         if tag == "chatty":
             with torch.no_grad():  # a large constant feature 0 after the final norm; stop tokens read it negatively
@@ -270,7 +270,7 @@ USER = [{"role": "user", "content": "hi"}]
     ({"messages": USER, "max_tokens": 5000}, 422, "max_tokens"),
     ({"messages": USER, "stream": "yes"}, 422, "stream"),
     ({"messages": USER, "n": 2}, 400, "n=2"),
-    ({"messages": USER, "max_tokens": 250}, 400, "256"),
+    ({"messages": USER, "max_tokens": 300}, 400, "256"),
     ({"messages": USER, "model": "gpt-4"}, 404, "gpt-4"),
     ({"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "alternate"),
@@ -384,7 +384,8 @@ def test_full_queue_gets_429_and_timeout_gets_503(chat_base_dir):
     try:
         long = {"messages": USER, "max_tokens": 4000, "stream": True}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=60) as busy:
-            next(busy.iter_lines())  # the only worker is now generating
+            lines = busy.iter_lines()  # kept referenced: a dropped iterator closes the connection
+            next(lines)  # the only worker is now generating
             error = assert_openai_error(post(s, {"messages": USER, "max_tokens": 2}), 503)
             assert "1 s" in error["message"]
             waiting = threading.Thread(target=post, args=(s, {"messages": USER, "max_tokens": 2}))

@@ -1,6 +1,7 @@
 """Tests for the rustbpe extension: training matches a slow pure-Python BPE, encoding round
 trips, and user mistakes raise Python exceptions instead of crashing the interpreter."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -64,8 +65,11 @@ def decode(tok, ids):
 
 @pytest.fixture(scope="module")
 def multilingual():
-    """A tokenizer whose merges split multi-byte characters (CJK is 3 bytes, emoji 4)."""
-    texts = ["東京タワー 東京 京都 😀😁😂 ÄÖÜ äöü " * 20, "abc def " * 10] + CORPUS
+    """A tokenizer with merges inside multi-byte characters: many distinct CJK characters (3 bytes)
+    and emoji (4 bytes) make their shared leading bytes the frequent pairs."""
+    cjk = "".join(chr(0x4E00 + 3 * i) for i in range(300))
+    emoji = "".join(chr(0x1F600 + 2 * i) for i in range(30))
+    texts = [cjk, emoji, "東京タワー 東京 京都 ÄÖÜ äöü " * 20] + CORPUS
     return train(texts, 400)
 
 
@@ -139,9 +143,11 @@ def test_round_trip_through_tokens_that_split_characters(multilingual):
         except UnicodeDecodeError:
             return False
 
-    ids = multilingual.encode("東京タワー 😀 äöü")
+    # Characters absent from training: their leading bytes are one token, the rest another.
+    text = "丁丂 😁😃 東京"
+    ids = multilingual.encode(text)
     assert any(not is_utf8(vocab[i]) for i in ids), "no token splits a character"
-    assert decode(multilingual, ids) == "東京タワー 😀 äöü"
+    assert decode(multilingual, ids) == text
 
 
 @settings(max_examples=50, deadline=None)
@@ -162,8 +168,15 @@ def test_bad_vocab_size_is_a_value_error():
         train(CORPUS, 255)
     with pytest.raises(ValueError, match="vocab_size"):
         train(CORPUS, -1)
+    with pytest.raises(ValueError, match="at most 2\\^32"):
+        train(CORPUS, 2**40)
     with pytest.raises(ValueError, match="buffer_size"):
         train(CORPUS, 300, buffer_size=0)
+
+
+def test_huge_vocab_or_buffer_just_runs_out_of_pairs():
+    tok = train(CORPUS, 2**32 - 1, buffer_size=2**40)
+    assert tok.get_mergeable_ranks() == reference_bpe(CORPUS, 10**6)
 
 
 def test_non_string_items_are_a_type_error():
@@ -212,5 +225,5 @@ def test_matches_pypi_rustbpe():
     )
     env = dict(os.environ, PYTHONPATH=PYPI_RUSTBPE)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    theirs = [(bytes(token), rank) for token, rank in eval(out.stdout)]
+    theirs = [(bytes(token), rank) for token, rank in ast.literal_eval(out.stdout)]
     assert train(CORPUS, 420).get_mergeable_ranks() == theirs

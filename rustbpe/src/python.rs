@@ -38,7 +38,7 @@ impl Tokenizer {
     /// Strings are pulled `buffer_size` at a time with the GIL held, then split and counted
     /// in parallel with the GIL released. `pattern` is the split regex (None: the default).
     /// The vocabulary can come out smaller when the text runs out of pairs to merge.
-    /// Raises ValueError for vocab_size < 256, buffer_size < 1 or an invalid pattern, and
+    /// Raises ValueError for vocab_size outside [256, 2^32), buffer_size < 1 or an invalid pattern, and
     /// TypeError when the iterator yields something other than str.
     #[pyo3(signature = (iterator, vocab_size, buffer_size = 8192, pattern = None))]
     fn train_from_iterator(
@@ -54,6 +54,11 @@ impl Tokenizer {
                 "vocab_size must be at least 256 (the byte tokens), got {vocab_size}"
             )));
         }
+        if vocab_size > i64::from(u32::MAX) {
+            return Err(PyValueError::new_err(format!(
+                "vocab_size must be at most 2^32 - 1 (token ids are u32), got {vocab_size}"
+            )));
+        }
         if buffer_size < 1 {
             return Err(PyValueError::new_err(format!(
                 "buffer_size must be at least 1, got {buffer_size}"
@@ -63,7 +68,7 @@ impl Tokenizer {
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
 
         let mut counts = ChunkCounts::default();
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size as usize);
+        let mut buffer: Vec<String> = Vec::new();
         let mut items = iterator.try_iter()?;
         loop {
             let exhausted = fill_buffer(&mut items, &mut buffer, buffer_size as usize)?;

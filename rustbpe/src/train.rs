@@ -70,7 +70,7 @@ pub fn train_merges<B: AsRef<[u8]>>(
         .iter()
         .map(|(&key, stats)| (stats.count, Reverse(key)))
         .collect();
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::new();
     while merges.len() < num_merges {
         let Some((count, Reverse(key))) = heap.pop() else {
             break;

@@ -1,0 +1,303 @@
+"""
+Reinforcement learning on math word problems, GRPO-lite: sample several replies per problem,
+reward the ones whose final answer is right, and push up the log-probability of every token of
+a reply in proportion to its reward minus the group's mean reward. On-policy, so there is no
+PPO ratio, no trust region, no KL penalty, and no division by the group's std (REINFORCE with
+a per-problem baseline). GSM8K with --data online, the generated Arithmetic task offline.
+
+    python -m scripts.chat_rl                                     # from the last SFT checkpoint
+    python -m scripts.chat_rl --source mid --data offline --num-iterations 100
+    python -m scripts.chat_rl --resume                            # continue a killed run
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl --run rl1
+
+Reads chatsft_checkpoints/<model_tag>/ (or mid_checkpoints), writes chatrl_checkpoints/<model_tag>/.
+"""
+
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
+                             get_dist_info, init_wandb, print0)
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from nanochat.training import (ProgressMeter, format_duration, get_lr_multiplier, load_training_state,
+                               save_training_state, set_lr_and_momentum)
+from tasks.common import HubUnavailableError
+from tasks.mixtures import resolve_data_mode, rl_task
+
+# -----------------------------------------------------------------------------
+# Flags
+parser = ArgumentParser(description="Reinforcement learning (GRPO-lite) on math word problems")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"],
+                    help="GSM8K from the Hub (online) or the generated Arithmetic task (offline); "
+                         "auto: online if the Hub answers")
+parser.add_argument("--source", default="sft", choices=["sft", "mid"], help="which stage's model to start from")
+parser.add_argument("--model-tag", default=None, help="model tag to start from (default: the largest)")
+parser.add_argument("--model-step", type=int, default=None, help="checkpoint step to start from (default: the last)")
+parser.add_argument("--num-iterations", type=int, default=-1,
+                    help="optimizer steps (-1: one pass over the training problems)")
+parser.add_argument("--examples-per-step", type=int, default=16, help="problems per step, over all processes")
+parser.add_argument("--num-samples", type=int, default=16, help="replies sampled per problem (the group)")
+parser.add_argument("--device-batch-size", type=int, default=8, help="replies per forward/backward pass")
+parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+parser.add_argument("--embedding-lr", type=float, default=0.2)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--init-lr-frac", type=float, default=0.05,
+                    help="start at this fraction of the base LRs (then linear to 0)")
+parser.add_argument("--eval-every", type=int, default=60, help="val pass@k every N steps (-1: only at the end)")
+parser.add_argument("--eval-examples", type=int, default=400, help="val problems per evaluation")
+parser.add_argument("--eval-samples", type=int, default=8, help="replies per val problem (the k of pass@k)")
+parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of this model tag")
+
+
+# -----------------------------------------------------------------------------
+# Rollouts and the policy-gradient loss
+
+def sample_rollouts(engine, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, seed):
+    """Sample num_samples replies to `prompt` (one prefill, decoded as one batch).
+
+    Returns (sequences, masks, replies): sequences are prompt + reply tokens, including the stop
+    token when the reply ended (stopping after the answer is part of what gets rewarded, so it
+    is trained on too); masks are 1 on sampled tokens, 0 on the prompt and on tokens the
+    calculator tool forced in; replies are the decoded replies without the stop token.
+    """
+    stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    sequences = [list(prompt) for _ in range(num_samples)]
+    masks = [[0] * len(prompt) for _ in range(num_samples)]
+    done = [False] * num_samples
+    for token_column, token_masks in engine.generate(prompt, num_samples, max_tokens=max_new_tokens,
+                                                     temperature=temperature, top_k=top_k, seed=seed):
+        for i, (token, mask) in enumerate(zip(token_column, token_masks)):
+            if not done[i]:
+                sequences[i].append(token)
+                masks[i].append(mask)
+                done[i] = token in stop_tokens
+    replies = [tokenizer.decode(seq[len(prompt):len(seq) - int(d)]) for seq, d in zip(sequences, done)]
+    return sequences, masks, replies
+
+
+def group_advantages(rewards):
+    """Advantage of each reply in a group: its reward minus the group's mean (no std division).
+
+    rewards: (num_samples,) float tensor -> (num_samples,), summing to zero.
+    """
+    return rewards - rewards.mean()
+
+
+def collate_rollouts(sequences, masks, pad_id, device):
+    """Right-pad rollouts into (inputs, targets), each (B, T_max - 1) int64; targets are -1 where
+    the next token was not sampled (prompt, tool output, padding), so only sampled tokens count."""
+    width = max(len(s) for s in sequences)
+    inputs = torch.full((len(sequences), width - 1), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width - 1), -1, dtype=torch.long)
+    for row, (seq, mask) in enumerate(zip(sequences, masks)):
+        seq_t, mask_t = torch.tensor(seq, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        inputs[row, :len(seq) - 1] = seq_t[:-1]
+        targets[row, :len(seq) - 1] = torch.where(mask_t[1:], seq_t[1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+def policy_gradient_loss(model, inputs, targets, advantages, num_tokens):
+    """-sum(advantage x log p(token)) over the sampled tokens of these rows, divided by num_tokens.
+
+    inputs, targets: (B, T) from collate_rollouts; advantages: (B,). num_tokens is the number of
+    sampled tokens in the whole step, so summing this over the step's chunks gives the mean.
+    """
+    logp = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where targets == -1
+    return -(logp * advantages[:, None]).sum() / num_tokens
+
+
+def _sum_over_processes(values, device):
+    """Sum a list of floats over the processes of a torchrun job (identity in one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_new_tokens, temperature, top_k):
+    """(pass@1, pass@num_samples) over the first num_examples problems of `task`, rank-strided.
+
+    pass@1 is the fraction of correct replies (the unbiased estimate from num_samples tries),
+    pass@k the fraction of problems with at least one correct reply.
+    """
+    _, rank, _, world_size = get_dist_info()
+    device = engine.model.lm_head.weight.device
+    correct, solved, problems = 0.0, 0.0, 0.0
+    for i in range(rank, min(num_examples, len(task)), world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, seed=i)
+        rewards = [task.reward(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
+        correct += sum(rewards) / num_samples
+        solved += float(max(rewards) > 0)
+        problems += 1
+    correct, solved, problems = _sum_over_processes([correct, solved, problems], device)
+    return correct / max(problems, 1), solved / max(problems, 1)
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    user_config = vars(args).copy()
+    for flag in ("examples_per_step", "device_batch_size", "max_new_tokens", "eval_examples", "eval_samples"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"chat_rl: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.num_samples < 2:
+        sys.exit(f"chat_rl: --num-samples must be at least 2 (got {args.num_samples}): each reply's advantage is its "
+                 "reward minus the mean reward of the replies to the same problem")
+
+    # -------------------------------------------------------------------------
+    # Setup: compute, the model, the task
+    try:
+        _, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+        data = resolve_data_mode(args.data)
+        train_task, val_task = rl_task(data, "train"), rl_task(data, "val")
+        model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
+                                                   step=args.model_step)
+    except (ValueError, FileNotFoundError, HubUnavailableError) as e:
+        sys.exit(f"chat_rl: {e}")
+    if args.examples_per_step % ddp_world_size != 0:
+        sys.exit(f"chat_rl: --examples-per-step {args.examples_per_step} must be a multiple of the number of "
+                 f"processes ({ddp_world_size})")
+    device_type = device.type
+    dtype = autodetect_dtype(device_type)
+    autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    wandb_run = init_wandb(args.run, "nanochat-rl", user_config, ddp_rank)
+    model_config = model.config
+    model_tag = args.model_tag or f"d{model_config.n_layer}"
+    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    num_iterations = (args.num_iterations if args.num_iterations > 0
+                      else max(1, len(train_task) // args.examples_per_step))
+
+    # Optimizers, resume. The loader state is the example cursor: the global index of the next
+    # training problem (steps take consecutive problems, wrapping around the task).
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+    start_step, cursor = 0, 0
+    loop_state = {"first_reward": None, "last_reward": None, "pass_at_1": None, "pass_at_k": None,
+                  "total_training_time": 0.0}
+    if args.resume:
+        try:
+            resume_step = find_last_step(checkpoint_dir)
+            meta, loader_state = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"chat_rl: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
+        start_step, cursor = resume_step, loader_state["cursor"]
+        loop_state, num_iterations = meta["loop_state"], meta["num_iterations"]
+        print0(f"resumed from {checkpoint_dir} step {resume_step}")
+
+    print0(f"data: {data} | train problems: {len(train_task):,} | val problems: {len(val_task):,}")
+    print0(f"step: {args.examples_per_step} problems x {args.num_samples} samples | steps: {num_iterations:,}")
+    meter = ProgressMeter(num_iterations, 0, 0, None, start_step=start_step)  # timing and ETA only
+
+    # -------------------------------------------------------------------------
+    # Training loop (evaluate/save the model after `step` steps, then step)
+    for step in range(start_step, num_iterations + 1):
+        last_step = step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            with autocast_ctx:
+                pass_at_1, pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples,
+                                                          args.eval_samples, args.max_new_tokens, args.temperature,
+                                                          args.top_k)
+            loop_state["pass_at_1"], loop_state["pass_at_k"] = pass_at_1, pass_at_k
+            print0(f"step {step:05d} | val pass@1 {pass_at_1:.4f} | pass@{args.eval_samples} {pass_at_k:.4f}")
+            wandb_run.log({"step": step, "val/pass@1": pass_at_1, f"val/pass@{args.eval_samples}": pass_at_k})
+            model.train()
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            save_training_state(checkpoint_dir, step, model, optimizers, {
+                "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
+                "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
+                "source_checkpoint": {"source": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+            }, {"cursor": cursor})
+            print0(f"saved checkpoint {checkpoint_dir} step {step}")
+        if last_step:
+            break
+
+        synchronize()
+        meter.start()
+        # Rollouts: this process's share of the step's problems, each a group of num_samples replies
+        model.eval()
+        sequences, masks, advantages, rewards = [], [], [], []
+        for position in range(cursor + ddp_rank, cursor + args.examples_per_step, ddp_world_size):
+            conversation = train_task[position % len(train_task)]
+            prompt = tokenizer.render_for_completion(conversation)
+            with autocast_ctx:
+                group_seqs, group_masks, replies = sample_rollouts(
+                    engine, tokenizer, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                    seed=position)  # seeded by position: a resumed run samples what the original would have
+            group_rewards = torch.tensor([train_task.reward(conversation, r) for r in replies], dtype=torch.float32)
+            sequences += group_seqs
+            masks += group_masks
+            advantages.append(group_advantages(group_rewards))
+            rewards.append(group_rewards)
+        cursor += args.examples_per_step
+        advantages, rewards = torch.cat(advantages).to(device), torch.cat(rewards)
+
+        # Policy gradient: the mean over the step's sampled tokens, in chunks of device_batch_size replies
+        model.train()
+        num_tokens = max(1, sum(sum(m[1:]) for m in masks))
+        for b in range(0, len(sequences), args.device_batch_size):
+            inputs, targets = collate_rollouts(sequences[b:b + args.device_batch_size],
+                                               masks[b:b + args.device_batch_size], pad_id, device)
+            with autocast_ctx:
+                loss = policy_gradient_loss(model, inputs, targets, advantages[b:b + args.device_batch_size],
+                                            num_tokens)
+            loss.backward()
+        lrm = get_lr_multiplier(step, num_iterations, warmdown_ratio=1.0)  # linear from 1 to 0 over the run
+        set_lr_and_momentum(optimizers, lrm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        synchronize()
+        dt = meter.stop(step)
+        loop_state["total_training_time"] += dt
+
+        reward_sum, reply_count, token_sum = _sum_over_processes(
+            [rewards.sum().item(), len(rewards), sum(len(s) for s in sequences)], device)
+        mean_reward = reward_sum / reply_count
+        if loop_state["first_reward"] is None:
+            loop_state["first_reward"] = mean_reward
+        loop_state["last_reward"] = mean_reward
+        print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
+               f"mean sequence length {token_sum / reply_count:.0f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+               f"eta {format_duration(meter.eta_seconds(step))}")
+        wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/dt": dt})
+
+    # -------------------------------------------------------------------------
+    # Report
+    print0(f"training time: {format_duration(loop_state['total_training_time'])} | "
+           f"val pass@1: {loop_state['pass_at_1']:.4f}")
+    get_report().log("Chat RL", [user_config, {
+        "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}",
+        "steps": num_iterations, "problems per step": args.examples_per_step, "samples per problem": args.num_samples,
+        "mean reward (first step)": loop_state["first_reward"], "mean reward (last step)": loop_state["last_reward"],
+        "val pass@1": loop_state["pass_at_1"], f"val pass@{args.eval_samples}": loop_state["pass_at_k"],
+        "training time": format_duration(loop_state["total_training_time"]),
+    }])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()
