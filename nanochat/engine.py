@@ -1,10 +1,15 @@
 """
-Inference: the KV cache, next-token sampling (temperature, top-k) and the Engine that prefills
-a prompt once and then decodes num_samples continuations one token per step.
+Inference: the KV cache, next-token sampling (temperature, top-k), the calculator tool, and
+the Engine that prefills a prompt once and then decodes num_samples continuations one token
+per step, running the tool for any row that writes <|python_start|>expr<|python_end|>.
 
 Not for: training, the chat format (tokenizer.py renders conversations), or mixed precision
 (callers wrap generation in torch.autocast when they want bf16).
 """
+
+import ast
+import math
+import operator
 
 import torch
 
@@ -95,6 +100,74 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(probs, num_samples=1, generator=rng)
 
 
+# The calculator: arithmetic on numbers and str.count, evaluated by walking the syntax tree
+# (never eval), with bounds on exponents and operand sizes so no expression can run long.
+_BIN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY_OPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_EXPR_CHARS = 200
+_MAX_ABS = 10 ** 60  # larger intermediate results are refused (keeps every operation cheap)
+
+
+def _evaluate_node(node):
+    if isinstance(node, ast.Expression):
+        return _evaluate_node(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+        value = _evaluate_node(node.operand)
+        if not isinstance(value, (int, float)):
+            raise ValueError("unary operator on a non-number")
+        return _UNARY_OPS[type(node.op)](value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
+        left, right = _evaluate_node(node.left), _evaluate_node(node.right)
+        if not all(isinstance(v, (int, float)) for v in (left, right)):
+            raise ValueError("arithmetic on a non-number")
+        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 10 ** 6):
+            raise ValueError("exponent too large")
+        result = _BIN_OPS[type(node.op)](left, right)
+        if isinstance(result, complex) or abs(result) > _MAX_ABS:
+            raise ValueError("result out of range")
+        return result
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and len(node.args) == 1 and not node.keywords):
+        haystack, needle = _evaluate_node(node.func.value), _evaluate_node(node.args[0])
+        if isinstance(haystack, str) and isinstance(needle, str):
+            return haystack.count(needle)
+    raise ValueError(f"unsupported expression: {ast.dump(node)[:80]}")
+
+
+def use_calculator(expr):
+    """Evaluate a tool call: arithmetic (+ - * / // % ** and parentheses on ints/floats) or
+    'text'.count('x'). Returns the result as the string Python would print (an integral float
+    prints as an int, "24" not "24.0", as in GSM8K's calculator annotations), or None for
+    anything else (names, other calls, huge numbers, division by zero, over 200 characters).
+    """
+    expr = expr.strip().replace(",", "") if "count" not in expr else expr.strip()
+    if not expr or len(expr) > _MAX_EXPR_CHARS:
+        return None
+    try:
+        result = _evaluate_node(ast.parse(expr, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+        return None
+    if isinstance(result, float):
+        if not math.isfinite(result):
+            return None
+        if result.is_integer():
+            result = int(result)
+    return str(result)
+
+
+class RowState:
+    """Tool-use state of one generated row: inside a python block or not, and the tokens the
+    engine must force next (a tool result) instead of sampling."""
+
+    def __init__(self):
+        self.in_python = False
+        self.python_tokens = []
+        self.forced = []
+
+
 class Engine:
     """Generation with a KV cache for a GPT and a tokenizer that has encode_special(name) and
     get_bos_token_id(). Rows stop at <|assistant_end|> or <|bos|>."""
@@ -108,7 +181,8 @@ class Engine:
         """Prefill `tokens` (a list of ints) once, then decode num_samples rows one token per step.
 
         Yields (token_column, token_masks) per step: lists of num_samples ints, the token each
-        row produced and 1 for a sampled token. Ends after max_tokens steps (default: until
+        row produced and 1 for a sampled token, 0 for a token forced by the calculator tool
+        (<|output_start|>result<|output_end|> after a row's <|python_end|>). Ends after max_tokens steps (default: until
         the model's sequence_len is reached) or once every row has produced a stop token; a row
         that already stopped keeps producing tokens until then, which callers ignore
         (generate_batch does).
@@ -132,15 +206,45 @@ class Engine:
         logits = logits.expand(num_samples, -1)  # (num_samples, vocab_size)
         kv_cache = prefill_cache.expand(num_samples)
         del prefill_cache
+        tool = self._tool_tokens()
+        rows = [RowState() for _ in range(num_samples)]
         done = [False] * num_samples
         for step in range(max_tokens):
-            next_ids = sample_next_token(logits, rng, temperature, top_k)  # (num_samples, 1)
-            token_column = next_ids[:, 0].tolist()
-            yield token_column, [1] * num_samples
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()  # num_samples ints
+            token_column, token_masks = [], []
+            for row, token in zip(rows, sampled):
+                forced = bool(row.forced)
+                token = row.forced.pop(0) if forced else token
+                token_column.append(token)
+                token_masks.append(0 if forced else 1)
+                if tool is not None:
+                    self._advance_tool(row, token, tool)
+            yield token_column, token_masks
             done = [d or t in stop_tokens for d, t in zip(done, token_column)]
             if all(done) or step == max_tokens - 1:
                 break
+            next_ids = torch.tensor(token_column, dtype=torch.long, device=device)[:, None]  # (num_samples, 1)
             logits = self.model(next_ids, kv_cache=kv_cache)[:, -1, :]  # (num_samples, vocab_size)
+
+    def _tool_tokens(self):
+        """The ids of the tool's special tokens, or None for a tokenizer without them."""
+        try:
+            return {name: self.tokenizer.encode_special(f"<|{name}|>")
+                    for name in ("python_start", "python_end", "output_start", "output_end")}
+        except (KeyError, ValueError):
+            return None
+
+    def _advance_tool(self, row, token, tool):
+        """Feed one emitted token to a row's tool state; on <|python_end|> queue the result."""
+        if token == tool["python_start"]:
+            row.in_python, row.python_tokens = True, []
+        elif token == tool["python_end"] and row.in_python:
+            row.in_python = False
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced += [tool["output_start"], *self.tokenizer.encode(result), tool["output_end"]]
+        elif row.in_python:
+            row.python_tokens.append(token)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Run generate() to the end and collect the rows.

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, find_last_step, load_model
+from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
 from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir
 from nanochat.engine import Engine
 
@@ -45,10 +45,8 @@ try:
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     source = args.source or find_default_source()
-    checkpoints_dir = os.path.join(get_base_dir(), SOURCES[source][0])
-    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-    step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
-    model, tokenizer, _ = load_model(source, device, "eval", model_tag=model_tag, step=step)
+    model, tokenizer, meta = load_model(source, device, "eval", model_tag=args.model_tag, step=args.step)
+    model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), meta["step"]
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"chat_cli: {e}")
 dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)

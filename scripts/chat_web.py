@@ -45,7 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, find_last_step, load_model
+from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
 from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
 
@@ -83,16 +83,15 @@ try:
     device_type = args.device_type or autodetect_device_type()
     compute_init(device_type)
     source = args.source or find_default_source()
-    checkpoints_dir = os.path.join(get_base_dir(), SOURCES[source][0])
-    model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-    step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
     if device_type == "cuda":
         if not 1 <= args.num_gpus <= torch.cuda.device_count():
             raise ValueError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
         devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
     else:
         devices = [torch.device(device_type)]
-    replicas = [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices]
+    replicas = [load_model(source, devices[0], "eval", model_tag=args.model_tag, step=args.step)]
+    model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), replicas[0][2]["step"]
+    replicas += [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices[1:]]
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"chat_web: {e}")
 dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)

@@ -168,3 +168,59 @@ def test_kv_cache_expand_copies_rows_and_keeps_position():
     assert torch.equal(k_all[:, :, :2], k.expand(3, -1, -1, -1))
     assert torch.equal(v_all[:, :, :2], -k.expand(3, -1, -1, -1))
     assert cache.get_pos() == 2  # the original is untouched
+
+
+# ---------------------------------------------------------------------------
+# The calculator tool
+
+def test_calculator_handles_arithmetic_and_count():
+    from nanochat.engine import use_calculator
+    assert use_calculator("6*24") == "144"
+    assert use_calculator(" (12 + 30) // 4 ") == "10"
+    assert use_calculator("48/2") == "24"  # integral floats print as ints, like GSM8K's annotations
+    assert use_calculator("7/2") == "3.5"
+    assert use_calculator("-3 + 2**10 % 7") == str(-3 + 2 ** 10 % 7)
+    assert use_calculator("1,000 + 1") == "1001"
+    assert use_calculator("'strawberry'.count('r')") == "3"
+
+
+def test_calculator_rejects_everything_else():
+    from nanochat.engine import use_calculator
+    for expr in ["__import__('os').system('true')", "open('/etc/passwd').read()", "x + 1", "9**9**9",
+                 "10**100 * 10**100", "1/0", "[1, 2]", "'a' * 3", "lambda: 1", "'abc'.upper()", "",
+                 "1 +", "1" * 300, "2**0.5**-100000"]:
+        assert use_calculator(expr) is None, expr
+
+
+class ScriptedModel(torch.nn.Module):
+    """A 'model' whose greedy choice at its n-th forward call is script[n] (ignoring its input)."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.script, self.vocab_size, self.calls = script, vocab_size, 0
+        self.lm_head = torch.nn.Linear(1, 1)
+        self.config = type("Config", (), {"n_layer": 1, "sequence_len": 64})()
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        return logits
+
+
+def test_engine_runs_the_calculator_and_forces_its_output():
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import RustBPETokenizer
+    tok = RustBPETokenizer.train_from_iterator(iter(["byte level"]), 256 + 9)  # one token per byte
+    special = tok.encode_special
+    script = [special("<|python_start|>"), *tok.encode("12*3"), special("<|python_end|>"),
+              *tok.encode("xxxx"),  # what the model would say during the 4 forced steps: overridden
+              *tok.encode(" ok"), special("<|assistant_end|>")]
+    engine = Engine(ScriptedModel(script, tok.get_vocab_size()), tok)
+    results, masks = engine.generate_batch([tok.get_bos_token_id()], num_samples=2, temperature=0.0, max_tokens=30)
+    expected = [special("<|python_start|>"), *tok.encode("12*3"), special("<|python_end|>"),
+                special("<|output_start|>"), *tok.encode("36"), special("<|output_end|>"), *tok.encode(" ok")]
+    for row, mask in zip(results, masks):
+        assert row[1:] == expected
+        assert mask[1:] == [1] * 6 + [0] * 4 + [1] * 3
