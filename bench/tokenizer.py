@@ -148,7 +148,8 @@ def format_section(rows, vocab_sizes, train_mb, load, baseline_mb):
         "split pattern = nanochat's (GPT-4 with 1-2 digit numbers) for every trainer. "
         "Train time includes building the tiktoken Encoding for the two rustbpe runs. Peak RSS is the "
         f"whole worker process, including {baseline_mb:.0f} MB for Python and the loaded train and validation "
-        "text. Command: `python -m bench.tokenizer --write-results`.", "",
+        "text (ours also holds two encodings of the validation shard, for the encode comparison). "
+        "Command: `python -m bench.tokenizer --write-results`.", "",
         "| vocab | trainer | train wall s | train CPU s | peak RSS MB | val bytes/token | ours / this (wall) |",
         "|---|---|---|---|---|---|---|",
     ]

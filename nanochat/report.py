@@ -1,14 +1,20 @@
 """
-The report card: each stage appends its own markdown section under
-$NANOCHAT_BASE_DIR/report/, and `generate` assembles them into report.md.
+The report card: each stage logs its own section under $NANOCHAT_BASE_DIR/report/ (a
+markdown file for people and a JSON file for programs), may append per-step metrics for the
+plots, and `generate` assembles report.md: the system header, a summary table (CORE and the
+chat tasks per stage), total wall time and GPU energy (and its price), the loss plots, then
+every section in pipeline order.
 
-    python -m nanochat.report reset      # start a new run's report (removes old sections)
-    python -m nanochat.report generate   # write report.md (and copy it to the repo root)
+    python -m nanochat.report reset --config depth=20 run=speedrun   # start a new run's report
+    python -m nanochat.report generate --price-per-kwh 0.30         # write report.md (+ copy to the repo root)
 
-Not for: computing metrics (the stages do that and hand the numbers over).
+Not for: computing metrics (the stages do that and hand the numbers over) or measuring energy
+(nanochat/energy.py does).
 """
 
 import datetime
+import json
+import math
 import os
 import platform
 import re
@@ -18,10 +24,27 @@ import sys
 
 from nanochat.common import ArgumentParser, get_base_dir
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # Sections in pipeline order; report.md lists them in this order, then any others by name.
 SECTION_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
-                 "base-model-evaluation", "midtraining", "chat-evaluation-mid", "chat-sft",
+                 "base-model-evaluation", "chat-evaluation-base", "midtraining", "chat-evaluation-mid", "chat-sft",
                  "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
+
+# Summary table: its columns and the section each column's chat-task scores come from.
+SUMMARY_COLUMNS = [("BASE", "chat-evaluation-base"), ("MID", "chat-evaluation-mid"),
+                   ("SFT", "chat-evaluation-sft"), ("RL", "chat-evaluation-rl")]
+# Rows always shown (upstream's tasks), then offline tasks that only appear when some stage ran them.
+SUMMARY_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+OFFLINE_TASKS = ["DefinitionMC", "Arithmetic"]
+
+# Keys the stages log as plain numbers for the totals (seconds, watt-hours).
+WALL_TIME_KEY = "wall time (s)"
+ENERGY_KEY = "energy (Wh)"
+
+CODE_EXTENSIONS = (".py", ".rs", ".sh", ".html")
+# Folders whose files are not ours: environments, build outputs, caches.
+SKIPPED_DIRS = {"target", "__pycache__", "node_modules", "build", "dist"}
 
 
 def slugify(title):
@@ -37,92 +60,337 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def to_jsonable(value):
+    """A value as JSON can hold it: numbers and strings as they are, NaN/inf as the strings
+    "nan"/"inf" (strict JSON has no such numbers), 0-d tensors/numpy scalars as their Python
+    number, and anything else (a torch.device, a path) as its str()."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def as_number(value):
+    """`value` as a float when it is a finite real number (not a bool, not a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 class Report:
-    """Markdown sections in `report_dir`, one file per stage."""
+    """The report directory: one section per stage (<slug>.md + <slug>.json), metric logs
+    (metrics_<stage>.jsonl), plots (plot_<stage>.png), header.md and report.md."""
 
     def __init__(self, report_dir=None):
         self.report_dir = report_dir or os.path.join(get_base_dir(), "report")
         os.makedirs(self.report_dir, exist_ok=True)
 
     def log(self, section, data):
-        """Write (or overwrite) one stage's section.
+        """Write (or overwrite) one stage's section: <slug>.md and <slug>.json.
 
         Args:
             section: title, e.g. "Base model training".
             data: list of dicts (key: value rows, floats printed with 4 significant digits)
-                and/or strings (markdown pasted as is).
-        Returns: the path of the section file.
+                and/or strings (markdown pasted as is). The JSON file holds the dicts merged
+                into one ("data"; a later key wins) and the strings as a list ("text"), so
+                `generate` reads numbers from it and never parses markdown.
+        Returns: the path of the markdown file.
         """
-        lines = [f"## {section}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
+        now = datetime.datetime.now()
+        lines = [f"## {section}", f"timestamp: {now:%Y-%m-%d %H:%M:%S}", ""]
+        merged, texts = {}, []
         for item in data:
             if isinstance(item, str):
                 lines += [item, ""]
+                texts.append(item)
                 continue
             for k, v in item.items():
+                merged[str(k)] = to_jsonable(v)
                 v = f"{v:.4g}" if isinstance(v, float) else v
                 lines.append(f"- {k}: {v}")
             lines.append("")
-        path = os.path.join(self.report_dir, f"{slugify(section)}.md")
+        slug = slugify(section)
+        record = {"section": section, "timestamp": now.isoformat(timespec="seconds"), "data": merged, "text": texts}
+        # JSON first: generate treats a section as present once its .md exists
+        write_atomic(os.path.join(self.report_dir, f"{slug}.json"), json.dumps(record, indent=2) + "\n")
+        path = os.path.join(self.report_dir, f"{slug}.md")
         write_atomic(path, "\n".join(lines) + "\n")
         return path
 
-    def reset(self):
-        """Remove every section and report.md, then write a fresh header (start of a run)."""
+    def log_metrics(self, stage, step, **values):
+        """Append one line {"step": step, **values} to metrics_<stage>.jsonl (for the plots).
+
+        Cheap enough to call every step: one open in append mode and one short write, and a
+        line is written whole, so a killed run leaves every earlier line readable.
+        E.g. log_metrics("base", 250, train_loss=3.1) and log_metrics("base", 250, val_bpb=1.02).
+        """
+        line = json.dumps({"step": int(step), **{k: to_jsonable(v) for k, v in values.items()}})
+        with open(os.path.join(self.report_dir, f"metrics_{slugify(stage)}.jsonl"), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def reset(self, config=None):
+        """Start a run: remove every section, metric log, plot and report.md, then write a
+        fresh header.md that records `config` (a dict: the run's configuration)."""
         for name in os.listdir(self.report_dir):
-            if name.endswith(".md"):
+            if (name.endswith((".md", ".json")) or (name.startswith("metrics_") and name.endswith(".jsonl"))
+                    or (name.startswith("plot_") and name.endswith(".png"))):
                 os.remove(os.path.join(self.report_dir, name))
-        write_atomic(os.path.join(self.report_dir, "header.md"), system_header())
+        write_atomic(os.path.join(self.report_dir, "header.md"), system_header(config))
 
-    def generate(self, copy_to=None):
-        """Assemble header + sections into report.md (and copy it to `copy_to` if given).
+    def sections(self):
+        """Slugs of the logged sections, in pipeline order then by name."""
+        names = [n[:-3] for n in os.listdir(self.report_dir) if n.endswith(".md") and n not in ("header.md", "report.md")]
+        order = {name: i for i, name in enumerate(SECTION_ORDER)}
+        return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
+    def read_data(self, slug):
+        """The merged key/value data a section logged (its JSON "data"), or {} if it has no JSON."""
+        path = os.path.join(self.report_dir, f"{slug}.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("data", {})
+
+    def read_metrics(self, stage_slug):
+        """The lines of metrics_<stage>.jsonl as dicts; a torn last line (killed run) is skipped."""
+        rows = []
+        with open(os.path.join(self.report_dir, f"metrics_{stage_slug}.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return rows
+
+    def generate(self, copy_to=None, price_per_kwh=None):
+        """Assemble report.md: header, summary table, totals, plots, then every section.
+
+        Args:
+            copy_to: also copy report.md there (the CLI copies it to the repo root).
+            price_per_kwh: electricity price per kWh (any currency); with it the energy line
+                also shows the cost. None leaves the cost out.
         Returns: the path of report.md.
         """
         header_path = os.path.join(self.report_dir, "header.md")
-        parts = [open(header_path, encoding="utf-8").read() if os.path.exists(header_path) else system_header()]
-        names = [n[:-3] for n in os.listdir(self.report_dir) if n.endswith(".md") and n not in ("header.md", "report.md")]
-        order = {name: i for i, name in enumerate(SECTION_ORDER)}
-        for name in sorted(names, key=lambda n: (order.get(n, len(order)), n)):
-            parts.append(open(os.path.join(self.report_dir, f"{name}.md"), encoding="utf-8").read())
+        if os.path.exists(header_path):
+            with open(header_path, encoding="utf-8") as f:
+                header = f.read()
+        else:
+            header = system_header()
+        sections = self.sections()
+        data = {slug: self.read_data(slug) for slug in sections}
+        parts = [header, summary_table(data), totals_markdown(data, price_per_kwh), self.plots_markdown()]
+        for slug in sections:
+            with open(os.path.join(self.report_dir, f"{slug}.md"), encoding="utf-8") as f:
+                parts.append(f.read())
         out = os.path.join(self.report_dir, "report.md")
-        write_atomic(out, "\n".join(parts))
+        write_atomic(out, "\n".join(p for p in parts if p))
         if copy_to:
             shutil.copyfile(out, copy_to)
         return out
 
+    def plots_markdown(self):
+        """Draw plot_<stage>.png for every metrics_<stage>.jsonl and return the markdown that
+        links them (relative paths, so report.md works wherever the folder is copied), or ""."""
+        stages = sorted(n[len("metrics_"):-len(".jsonl")] for n in os.listdir(self.report_dir)
+                        if n.startswith("metrics_") and n.endswith(".jsonl"))
+        links = []
+        for stage in stages:
+            name = f"plot_{stage}.png"
+            if plot_metrics(self.read_metrics(stage), stage, os.path.join(self.report_dir, name)):
+                links.append(f"![{stage}]({name})")
+        return "## Plots\n\n" + "\n\n".join(links) + "\n" if links else ""
+
+
+def plot_metrics(rows, title, path):
+    """Save one PNG with a panel per metric (value against step) from log_metrics rows.
+
+    Metrics logged at different steps (train loss every step, val bpb every 250) each get their
+    own panel over the steps where they appear. Returns True if a plot was written (False: no
+    numeric metric in `rows`).
+    """
+    series = {}
+    for row in rows:
+        for key, value in row.items():
+            value = as_number(value)
+            if key != "step" and value is not None and isinstance(row.get("step"), int):
+                series.setdefault(key, ([], []))
+                series[key][0].append(row["step"])
+                series[key][1].append(value)
+    if not series:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on a training box
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
+    for ax, (key, (steps, values)) in zip(axes[0], sorted(series.items())):
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def summary_table(data):
+    """The markdown summary: rows CORE, the chat tasks and ChatCORE, columns BASE/MID/SFT/RL,
+    "-" where a stage did not measure a value. `data` maps section slug -> its logged data."""
+    def fmt(value):
+        value = as_number(value)
+        return "-" if value is None else f"{value:.4f}"
+
+    base_core = data.get("base-model-evaluation", {}).get("CORE metric")
+    if as_number(base_core) is None:  # base_eval not run: the CORE base_train measured, if any
+        base_core = data.get("base-model-training", {}).get("CORE metric")
+    offline = [t for t in OFFLINE_TASKS if any(t in data.get(slug, {}) for _, slug in SUMMARY_COLUMNS)]
+    lines = ["## Summary", "", "| Metric | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |",
+             "|---" * (len(SUMMARY_COLUMNS) + 1) + "|",
+             f"| CORE | {fmt(base_core)} | " + " | ".join("-" for _ in SUMMARY_COLUMNS[1:]) + " |"]
+    for task in SUMMARY_TASKS + offline + ["ChatCORE"]:
+        lines.append(f"| {task} | " + " | ".join(fmt(data.get(slug, {}).get(task)) for _, slug in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_seconds(seconds):
+    """12345 -> '3h25m45s' (the report's wall-time format)."""
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def totals_markdown(data, price_per_kwh=None):
+    """Per-stage wall time and GPU energy, their totals, and the energy's cost.
+
+    Reads the numeric WALL_TIME_KEY (seconds) and ENERGY_KEY (Wh) each section logged; a
+    stage without them is left out of the sums (and its cell shows "-"), and a total with no
+    stage behind it reads "n/a". The cost is energy (kWh) x price_per_kwh, shown only when
+    a price is given and some energy was measured.
+    """
+    rows, total_s, total_wh = [], None, None
+    for slug, values in data.items():
+        seconds, wh = as_number(values.get(WALL_TIME_KEY)), as_number(values.get(ENERGY_KEY))
+        if seconds is None and wh is None:
+            continue
+        if seconds is not None:
+            total_s = (total_s or 0.0) + seconds
+        if wh is not None:
+            total_wh = (total_wh or 0.0) + wh
+        rows.append(f"| {slug} | {'-' if seconds is None else format_seconds(seconds)} | "
+                    f"{'-' if wh is None else f'{wh:.1f}'} |")
+    lines = [f"- total wall time: {'n/a' if total_s is None else format_seconds(total_s)}",
+             f"- GPU energy: {'n/a' if total_wh is None else f'{total_wh:.1f} Wh'}"]
+    if price_per_kwh is not None and total_wh is not None:
+        lines.append(f"- energy cost: {total_wh / 1000 * price_per_kwh:.2f} at {price_per_kwh:g} per kWh")
+    if rows:
+        lines += ["", "| stage | wall time | GPU energy (Wh) |", "|---|---|---|", *rows]
+    return "## Time and energy\n\n" + "\n".join(lines) + "\n"
+
+
+def price_from_env():
+    """The price per kWh in $NANOCHAT_PRICE_PER_KWH, or None when it is unset or empty.
+
+    Raises:
+        ValueError: it is set but is not a non-negative number.
+    """
+    raw = os.environ.get("NANOCHAT_PRICE_PER_KWH", "").strip()
+    if not raw:
+        return None
+    try:
+        price = float(raw)
+    except ValueError:
+        price = -1.0
+    if not math.isfinite(price) or price < 0:
+        raise ValueError(f"NANOCHAT_PRICE_PER_KWH={raw!r} is not a price; set it to a number such as 0.30, or unset it")
+    return price
+
 
 def git_commit():
     """(short commit hash, dirty flag) of the repo this file lives in, or ("unknown", False)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True,
                                     text=True, check=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
 
 
-def system_header():
-    """Markdown header: date, git commit, hardware and software versions."""
+def code_size(root=REPO_ROOT):
+    """(lines, files) of our code (*.py, *.rs, *.sh, *.html) under `root`, skipping hidden
+    folders (.venv, .git), build outputs (target/) and caches."""
+    lines = files = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS]
+        for name in filenames:
+            if name.endswith(CODE_EXTENSIONS):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    lines += sum(1 for _ in f)
+                files += 1
+    return lines, files
+
+
+def is_unified_memory(device_name, integrated):
+    """True for GPUs that share the system's memory (DGX Spark's GB10, Jetson): the CUDA
+    driver reports `integrated` for them, and GB10 is also recognised by name in case a
+    driver does not. On those, cudaMemGetInfo leaves out memory the OS could reclaim from its
+    page cache, so the system total (psutil) is the memory a run can use
+    (https://github.com/vllm-project/vllm/issues/35313,
+    https://github.com/ggml-org/llama.cpp/pull/17368)."""
+    return bool(integrated) or "GB10" in device_name
+
+
+def gpu_info():
+    """The CUDA GPU torch sees, as a dict (None without one).
+
+    Keys: name, count, capability ((major, minor)), memory_bytes (for unified-memory GPUs
+    the system memory, see is_unified_memory), unified (bool).
+    """
+    import psutil
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    unified = is_unified_memory(props.name, getattr(props, "is_integrated", False))
+    return {"name": props.name, "count": torch.cuda.device_count(), "capability": (props.major, props.minor),
+            "memory_bytes": psutil.virtual_memory().total if unified else props.total_memory, "unified": unified}
+
+
+def system_header(config=None):
+    """Markdown header: date, git commit, hardware, software, code size and the run's `config`."""
     import psutil
     import torch
     commit, dirty = git_commit()
-    gpu = "none"
-    if torch.cuda.is_available():
-        gpu = f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-    lines = [
+    gpu = gpu_info()
+    if gpu is None:
+        gpu_line = "none"
+    else:
+        memory = f"{gpu['memory_bytes'] / 2**30:.1f} GiB" + (" unified with the CPU" if gpu["unified"] else "")
+        gpu_line = f"{gpu['name']} x {gpu['count']} (sm_{gpu['capability'][0]}{gpu['capability'][1]}, {memory})"
+    lines, files = code_size()
+    out = [
         "# nanochat-spark report card", "",
         f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
         f"- git commit: {commit}{' (dirty)' if dirty else ''}",
-        f"- GPU: {gpu}",
+        f"- GPU: {gpu_line}",
         f"- CPU: {platform.processor() or platform.machine()}, {psutil.cpu_count(logical=True)} logical cores",
         f"- memory: {psutil.virtual_memory().total / 2**30:.1f} GiB",
         f"- Python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda or 'n/a'}",
-        "",
+        f"- code: {lines:,} lines in {files} files (*.py, *.rs, *.sh, *.html)",
     ]
-    return "\n".join(lines)
+    if config:
+        out += ["", "Run configuration:", ""] + [f"- {k}: {v}" for k, v in config.items()]
+    return "\n".join(out) + "\n"
 
 
 def get_report():
@@ -137,17 +405,47 @@ class DummyReport:
     def log(self, *args, **kwargs):
         return None
 
+    def log_metrics(self, *args, **kwargs):
+        return None
+
+
+def parse_config(pairs):
+    """["depth=20", "run=x"] -> {"depth": "20", "run": "x"}.
+
+    Raises:
+        ValueError: an item without "=" (the message names it).
+    """
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config {pair!r} is not key=value (e.g. --config depth=20)")
+        config[key] = value
+    return config
+
 
 if __name__ == "__main__":
     parser = ArgumentParser(description="Reset or generate the report card")
     parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="reset: the run configuration to record in the header")
+    parser.add_argument("--price-per-kwh", type=float, default=None,
+                        help="generate: electricity price per kWh for the energy cost "
+                             "(default: $NANOCHAT_PRICE_PER_KWH; unset: no cost line)")
     args = parser.parse_args()
     report = Report()
     if args.command == "reset":
-        report.reset()
+        try:
+            config = parse_config(args.config)
+        except ValueError as e:
+            parser.error(str(e))
+        report.reset(config)
         print(f"report reset in {report.report_dir}")
     else:
-        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = report.generate(copy_to=os.path.join(repo_root, "report.md"))
+        try:
+            price = args.price_per_kwh if args.price_per_kwh is not None else price_from_env()
+        except ValueError as e:
+            parser.error(str(e))
+        path = report.generate(copy_to=os.path.join(REPO_ROOT, "report.md"), price_per_kwh=price)
         print(f"report written to {path} (and copied to the repository root)")
     sys.exit(0)

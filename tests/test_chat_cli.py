@@ -2,6 +2,7 @@
 shares with chat_web (checkpoint_manager.find_default_source)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,3 +104,16 @@ def test_default_source_is_the_most_advanced_stage_with_a_checkpoint(tmp_path, m
     assert find_default_source() == "sft"
     save_checkpoint(str(tmp_path / "chatrl_checkpoints" / "d1"), 1, {}, None, meta)
     assert find_default_source() == "rl"
+
+
+@pytest.mark.parametrize("script", ["chat.sh", "chat_cli.sh"])
+def test_shell_wrappers(script, tmp_path):
+    help_text = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert help_text.returncode == 0 and "--source" in help_text.stdout and "NANOCHAT_BASE_DIR" in help_text.stdout
+    assert subprocess.run(["bash", script, "--bogus"], cwd=REPO, capture_output=True, timeout=30).returncode == 2
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}  # no checkpoints: the Python error comes through
+    p = subprocess.run(["bash", script, "-s", "sft", "-t", "0.5", "-k", "10", "-m", "20", "--", "--device-type", "cpu"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "scripts.chat_sft" in p.stderr and "Traceback" not in p.stderr
+    if shutil.which("shellcheck"):
+        assert subprocess.run(["shellcheck", script], cwd=REPO).returncode == 0
