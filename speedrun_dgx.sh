@@ -1,72 +1,69 @@
 #!/usr/bin/env bash
-# speedrun_dgx.sh: the main job. Data -> tokenizer, on one GPU or a CPU, resumable.
-# Launch it inside tmux or screen: the full run takes days on one GPU.
-# Stages that already finished (their outputs exist) are skipped when you re-run it.
+# speedrun_dgx.sh: the main job. Text -> tokenizer -> base model -> mid -> SFT -> RL, with
+# evaluations and a report card, on one GPU (DGX Spark / H100), several (--nproc), or a CPU
+# (--tiny). Launch it inside tmux or screen: the full run takes days on one GPU.
+# Re-running after an interruption skips the stages that finished and resumes the one that
+# was interrupted from its last checkpoint.
 set -euo pipefail
 
 usage() {
-    cat <<'USAGE'
+    cat <<USAGE
 Usage: bash speedrun_dgx.sh [flags]
-
-  --data online|offline   pretraining text: FineWeb-EDU shards from the Hugging Face Hub
-                          (online) or the corpus built from Debian packages (offline).
-                          Default: online if huggingface.co answers, else offline.
+$COMMON_USAGE
+  --skip-rl               stop after SFT
   --num-shards N          FineWeb-EDU shards to download when online (default 240, ~24 GB)
-  --vocab-size N          tokenizer vocabulary size incl. special tokens (default 65536)
-  --help                  show this message
+  --price-per-kwh X       electricity price for the cost line of the report card
 
-Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds data, checkpoints, logs.
+Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds data, checkpoints, logs, report.
 USAGE
 }
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_flags "$@"
 
-data=auto
-num_shards=240
-vocab_size=65536
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --data) data="${2:?--data needs online or offline}"; shift ;;
-        --num-shards) num_shards="${2:?--num-shards needs a number}"; shift ;;
-        --vocab-size) vocab_size="${2:?--vocab-size needs a number}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "speedrun_dgx.sh: unknown flag '$1'" >&2; usage >&2; exit 2 ;;
-    esac
-    shift
-done
-case "$data" in auto|online|offline) ;; *) echo "--data must be online or offline, not '$data'" >&2; exit 2 ;; esac
-
+# Setup (idempotent: a fresh clone needs nothing else)
 cd "$(dirname "${BASH_SOURCE[0]}")"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-mkdir -p "$NANOCHAT_BASE_DIR/logs"
-log="$NANOCHAT_BASE_DIR/logs/speedrun_$(date +%Y%m%d_%H%M%S).log"
-exec > >(tee -a "$log") 2>&1
-echo "[speedrun] base dir: $NANOCHAT_BASE_DIR   log: $log"
-
-# Setup (idempotent)
 ./setup.sh
-py=.venv/bin/python
+setup_env
+log="$logs/speedrun_$(date +%Y%m%d_%H%M%S).log"
+exec > >(tee -a "$log") 2>&1
+
+# The plan
+echo "nanochat-spark speedrun | preset $preset | data $data | model $model_tag | seq $seq_len | device batch $device_batch_size | processes $nproc"
+echo "base dir: $NANOCHAT_BASE_DIR | log: $log"
+"$py" -m scripts.plan --depth "$depth" --max-seq-len "$seq_len" --vocab-size "$vocab_size" \
+    --total-batch-size "$total_batch_size" --preset "$preset" --nproc "$nproc" -- "${base_args[@]}"
+
+# Report: a new run starts a new report card (a resumed run keeps it)
+if [ ! -f "$logs/report_reset.done" ]; then
+    "$py" -m nanochat.report reset
+    touch "$logs/report_reset.done"
+fi
 
 # Data
-if [ "$data" = auto ]; then
-    if $py -c "import requests; requests.head('https://huggingface.co', timeout=5)" >/dev/null 2>&1; then
-        data=online
-    else
-        data=offline
-        echo "[speedrun] *** huggingface.co is unreachable: using the OFFLINE corpus built from Debian packages ***"
-    fi
-fi
 if [ "$data" = online ]; then
-    $py -m nanochat.dataset -n "$num_shards"
+    run_stage data "$py" -m nanochat.dataset -n "$num_shards"
 else
-    ./setup.sh --offline-data
+    run_stage data ./setup.sh --offline-data
 fi
 
 # Tokenizer
-if [ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ] && [ -f "$NANOCHAT_BASE_DIR/tokenizer/token_bytes.pt" ]; then
-    echo "[speedrun] tokenizer exists, skipping tok_train (delete $NANOCHAT_BASE_DIR/tokenizer to retrain)"
-else
-    $py -m scripts.tok_train --vocab-size "$vocab_size"
-fi
-$py -m scripts.tok_eval
+run_stage tok_train "$py" -m scripts.tok_train --vocab-size "$vocab_size" "${tok_args[@]}"
+run_stage tok_eval "$py" -m scripts.tok_eval
 
-echo "[speedrun] done. Log: $log"
+# Pretraining, midtraining, SFT, RL (each with its evaluations)
+stage_pretrain
+stage_midtrain
+stage_sft
+last=sft
+if [ "$skip_rl" = 0 ]; then
+    stage_rl
+    last=rl
+fi
+
+# Report card
+"$py" -m nanochat.report generate ${price_per_kwh:+--price-per-kwh "$price_per_kwh"}
+echo
+echo "Done. Report card: $NANOCHAT_BASE_DIR/report/report.md (copied to ./report.md)"
+echo "Chat with your model:  ./chat.sh --source $last     (web UI + OpenAI API on http://127.0.0.1:8000)"
+echo "                       ./chat_cli.sh --source $last (terminal)"

@@ -6,7 +6,7 @@ chat tasks per stage), total wall time and GPU energy (and its price), the loss 
 every section in pipeline order.
 
     python -m nanochat.report reset --config depth=20 run=speedrun   # start a new run's report
-    python -m nanochat.report generate --price-per-kwh 0.30         # write report.md (+ copy to the repo root)
+    python -m nanochat.report generate --price-per-kwh 0.30         # write report.md (+ a copy in the repo root)
 
 Not for: computing metrics (the stages do that and hand the numbers over) or measuring energy
 (nanochat/energy.py does).
@@ -429,6 +429,8 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["reset", "generate"])
     parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="reset: the run configuration to record in the header")
+    parser.add_argument("--copy-to", default=os.path.join(REPO_ROOT, "report.md"),
+                        help="generate: also copy report.md here (default: the repository root, as upstream)")
     parser.add_argument("--price-per-kwh", type=float, default=None,
                         help="generate: electricity price per kWh for the energy cost "
                              "(default: $NANOCHAT_PRICE_PER_KWH; unset: no cost line)")
@@ -446,6 +448,8 @@ if __name__ == "__main__":
             price = args.price_per_kwh if args.price_per_kwh is not None else price_from_env()
         except ValueError as e:
             parser.error(str(e))
-        path = report.generate(copy_to=os.path.join(REPO_ROOT, "report.md"), price_per_kwh=price)
-        print(f"report written to {path} (and copied to the repository root)")
+        if price is not None and not (math.isfinite(price) and price >= 0):
+            parser.error(f"--price-per-kwh {price} is not a price; pass a number such as 0.30")
+        path = report.generate(copy_to=args.copy_to, price_per_kwh=price)
+        print(f"report written to {path} (and copied to {args.copy_to})")
     sys.exit(0)

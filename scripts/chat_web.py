@@ -498,6 +498,12 @@ async def handle_http_error(request, e):
     return JSONResponse(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code), status_code=e.status_code)
 
 
+@app.exception_handler(Exception)
+async def handle_unexpected_error(request, e):
+    print0(f"{request.method} {request.url.path}: {type(e).__name__}: {e}")
+    return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+
 @app.get("/", response_class=HTMLResponse)
 async def index():
     return UI_HTML
@@ -578,7 +584,7 @@ async def openai_chat_completions(body: ChatCompletionRequest, request: Request)
     usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
 
     async def content_pieces():
-        """Yield the reply's text as it is sampled; sets usage and returns by setting finish[0]."""
+        """Yield the reply's text as it is sampled; counts usage["completion_tokens"] and sets finish[0]."""
         decoder, matcher = TokenDecoder(), StopMatcher(stops)
         async for token in generation.tokens():
             usage["completion_tokens"] += 1
@@ -603,7 +609,10 @@ async def openai_chat_completions(body: ChatCompletionRequest, request: Request)
             yield tail
 
     finish = ["length"]
-    usage_total = lambda: {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+    def usage_total():
+        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
     if not body.stream:
         content = []
         try:

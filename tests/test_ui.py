@@ -50,6 +50,9 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
     page.goto(ui_server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent.startsWith('nanochat-sft-chatty')")
     assert page.locator("#send").is_disabled()
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", "4000")  # long replies (~10 s), so there is time to press stop
+    page.click("#settings-toggle")
 
     # type a message; tokens stream into the assistant's bubble
     page.fill("#input", "Hello! What can you do?")
@@ -99,6 +102,14 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
     assert "context" in error.inner_text() and "4096" in error.inner_text()
     save_screenshot(page, tmp_path, "chat_error.png")
 
+    # tool calls and their outputs are drawn as their own blocks
+    page.evaluate("""messages = [{role: "user", content: "What is 12 * 34?"}, {role: "assistant", content: [
+        {type: "text", text: "Let me calculate that."}, {type: "python", text: "12 * 34"},
+        {type: "python_output", text: "408"}, {type: "text", text: "12 × 34 = 408."}]}]; render();""")
+    assert page.locator(".part-python").inner_text() == "12 * 34" and page.locator(".part-output").inner_text() == "408"
+    assert page.locator(".part-python").evaluate("e => getComputedStyle(e).fontFamily").startswith("ui-monospace")
+    save_screenshot(page, tmp_path, "chat_tools.png")
+
     # new chat empties the conversation
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
@@ -108,6 +119,9 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
 def test_phone_width(ui_server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 390, "height": 760}, device_scale_factor=2)
     page.goto(ui_server.url + "/")
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", "4000")
+    page.click("#settings-toggle")
     page.fill("#input", "Hi from a phone")
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('.msg.assistant .bubble') && document.querySelector('.msg.assistant .bubble').innerText.length > 40")

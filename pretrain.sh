@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# pretrain.sh: Pretrain the base model (base_train, base_loss, base_eval), one stage of speedrun_dgx.sh.
+# Resumes from the stage's last checkpoint when it was interrupted.
+set -euo pipefail
+
+usage() {
+    cat <<USAGE
+Usage: bash pretrain.sh [flags] [-- extra args for the python script]
+$COMMON_USAGE
+USAGE
+}
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_flags "$@"
+setup_env
+rerun=1  # run explicitly: redo the stage even if an earlier run finished it
+stage_pretrain

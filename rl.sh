@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# rl.sh: Reinforcement learning on math (chat_rl, chat_eval rl), one stage of speedrun_dgx.sh.
+# Resumes from the stage's last checkpoint when it was interrupted.
+set -euo pipefail
+
+usage() {
+    cat <<USAGE
+Usage: bash rl.sh [flags] [-- extra args for the python script]
+$COMMON_USAGE
+USAGE
+}
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_flags "$@"
+setup_env
+rerun=1  # run explicitly: redo the stage even if an earlier run finished it
+stage_rl
