@@ -209,21 +209,28 @@ class Report:
         return "## Plots\n\n" + "\n\n".join(links) + "\n" if links else ""
 
 
-def plot_metrics(rows, title, path):
-    """Save one PNG with a panel per metric (value against step) from log_metrics rows.
+def metric_series(rows):
+    """log_metrics rows -> {metric: (steps, values)}, steps ascending.
 
-    Metrics logged at different steps (train loss every step, val bpb every 250) each get their
-    own panel over the steps where they appear. Returns True if a plot was written (False: no
-    numeric metric in `rows`).
+    Metrics logged at different steps (train loss every step, val bpb every 250) each keep only
+    the steps where they appear. A step logged twice (a run resumed from an earlier checkpoint
+    repeats steps) keeps its latest value. Non-numeric values are left out.
     """
-    series = {}
+    by_step = {}  # metric -> {step: value}
     for row in rows:
         for key, value in row.items():
             value = as_number(value)
             if key != "step" and value is not None and isinstance(row.get("step"), int):
-                series.setdefault(key, ([], []))
-                series[key][0].append(row["step"])
-                series[key][1].append(value)
+                by_step.setdefault(key, {})[row["step"]] = value
+    return {key: (sorted(d), [d[s] for s in sorted(d)]) for key, d in by_step.items()}
+
+
+def plot_metrics(rows, title, path):
+    """Save one PNG with a panel per metric of metric_series(rows) (value against step).
+
+    Returns True if a plot was written (False: no numeric metric in `rows`).
+    """
+    series = metric_series(rows)
     if not series:
         return False
     import matplotlib

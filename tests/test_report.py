@@ -13,8 +13,8 @@ import types
 import pytest
 import torch
 
-from nanochat.report import (DummyReport, Report, code_size, get_report, gpu_info, is_unified_memory, parse_config,
-                             price_from_env, summary_table, system_header, totals_markdown)
+from nanochat.report import (DummyReport, Report, code_size, get_report, gpu_info, is_unified_memory, metric_series,
+                             parse_config, price_from_env, summary_table, system_header, totals_markdown)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +59,14 @@ def test_log_metrics_appends_json_lines_and_skips_a_torn_line(report):
     with open(os.path.join(report.report_dir, "metrics_base.jsonl"), "a") as f:
         f.write('{"step": 2, "train_lo')  # a run killed mid-write
     assert report.read_metrics("base") == [{"step": 0, "train_loss": 4.0}, {"step": 1, "train_loss": 3.5, "lrm": 1.0}]
+
+
+def test_metric_series_splits_metrics_and_keeps_the_latest_value_of_a_step():
+    rows = [{"step": 0, "train_loss": 4.0}, {"step": 1, "train_loss": 3.9}, {"step": 2, "train_loss": 3.8},
+            {"step": 2, "val_bpb": 1.5, "note": "text"},
+            {"step": 1, "train_loss": 3.7}, {"step": 2, "train_loss": 3.6}]  # resumed from step 1
+    assert metric_series(rows) == {"train_loss": ([0, 1, 2], [4.0, 3.7, 3.6]), "val_bpb": ([2], [1.5])}
+    assert metric_series([{"step": 0, "note": "text"}]) == {}
 
 
 def test_other_ranks_write_nothing(monkeypatch, tmp_path):
