@@ -127,8 +127,9 @@ class Report:
     def log_metrics(self, stage, step, **values):
         """Append one line {"step": step, **values} to metrics_<stage>.jsonl (for the plots).
 
-        Cheap enough to call every step: one open in append mode and one short write, and a
-        line is written whole, so a killed run leaves every earlier line readable.
+        Cheap enough to call every step: one open in append mode and one short write (pass
+        Python floats: a CUDA tensor would be synced by .item()). A killed run can at most tear
+        its last line, which read_metrics skips.
         E.g. log_metrics("base", 250, train_loss=3.1) and log_metrics("base", 250, val_bpb=1.02).
         """
         line = json.dumps({"step": int(step), **{k: to_jsonable(v) for k, v in values.items()}})
