@@ -2,6 +2,7 @@
 # setup.sh: make this checkout ready to run. Idempotent: safe to re-run at any time.
 #   - installs uv (from PyPI) if it is missing
 #   - creates .venv with `uv sync` (which also compiles the rustbpe extension with cargo)
+#   - checks the GPU (bf16, torch.compile; on a GB10 the CUDA 13 ptxas) and writes .nanochat_env
 #   - with --offline-data: installs the Debian text packages and builds the offline corpus
 # It never edits your shell start-up files.
 set -euo pipefail
@@ -53,9 +54,12 @@ fi
 # 3. the virtual environment: every runtime + test dependency, and the rustbpe extension
 echo "[setup] uv sync (creates .venv, builds rustbpe)"
 uv sync --quiet
-.venv/bin/python -c "import torch, rustbpe, tiktoken, nanochat; print(f'[setup] ok: torch {torch.__version__}, cuda available: {torch.cuda.is_available()}')"
+.venv/bin/python -c "import torch, rustbpe, tiktoken, nanochat"
 
-# 4. optional: the offline corpus from Debian packages
+# 4. the accelerator: versions, a bf16 matmul and a compiled kernel; GPU settings -> .nanochat_env
+.venv/bin/python dev/check_accelerator.py .nanochat_env
+
+# 5. optional: the offline corpus from Debian packages
 if [ "$offline_data" = 1 ]; then
     mapfile -t pkgs < <(grep -v -e '^#' -e '^$' dev/offline_packages.txt)
     missing=()
