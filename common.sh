@@ -117,7 +117,8 @@ apply_preset() {
 }
 
 # Sequences per forward pass that fit the GPU: activations grow with batch x depth^2, and
-# upstream nanochat runs d20 at 32 x 2048 tokens on 80 GB; unified-memory GPUs (GB10) count
+# upstream nanochat runs d20 at 32 x 2048 tokens on 80 GB cards (which report ~79 GiB, so the
+# reference is 76 GiB); unified-memory GPUs (GB10) count
 # system memory. A power of two, so it divides the 524,288-token batch.
 auto_device_batch_size() {
     "$py" - "$depth" <<'EOF'
@@ -131,7 +132,7 @@ if not torch.cuda.is_available():
 props = torch.cuda.get_device_properties(0)
 unified = "GB10" in props.name or getattr(props, "is_integrated", False)
 gib = (psutil.virtual_memory().total if unified else props.total_memory) / 2**30
-fit = 32 * (20 / depth) ** 2 * gib / 80
+fit = 32 * (20 / depth) ** 2 * gib / 76
 bs = 1
 while bs * 2 <= min(fit, 32):
     bs *= 2

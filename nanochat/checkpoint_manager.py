@@ -325,3 +325,26 @@ def find_default_source():
                             f"chatsft_checkpoints, chatrl_checkpoints); train one first: `python -m {SOURCES['base'][1]}`, "
                             f"then `python -m {SOURCES['mid'][1]}` and `python -m {SOURCES['sft'][1]}` for a chat model "
                             "(or set NANOCHAT_BASE_DIR to the directory that holds your checkpoints)")
+
+
+def prune_checkpoints(checkpoint_dir, keep):
+    """Delete all but the last `keep` complete checkpoints in `checkpoint_dir` (rank 0 only).
+
+    Each old step is un-marked first (its meta file goes before its model and optimizer files),
+    so a crash mid-prune never leaves a step that looks complete but is not. A d20 checkpoint
+    with optimizer state is ~5 GB: keeping every one of a 21,400-step run would take >100 GB.
+    Returns the steps deleted.
+
+    Raises:
+        ValueError: keep < 1 (the latest checkpoint is what a resume needs).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (got {keep}): the last checkpoint is needed to resume")
+    old = list_steps(checkpoint_dir)[:-keep]
+    for step in old:
+        os.unlink(_meta_path(checkpoint_dir, step))
+        _fsync_dir(checkpoint_dir)
+        for name in os.listdir(checkpoint_dir):
+            if name.startswith((f"model_{step:06d}", f"optim_{step:06d}_")):
+                os.unlink(os.path.join(checkpoint_dir, name))
+    return old

@@ -215,3 +215,36 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
         dist.all_reduce(train_loss)  # SUM: gloo has no AVG
         train_loss /= dist.get_world_size()
     return train_loss.item()
+
+
+class StageClock:
+    """A stage's wall time (s) and GPU energy (Wh, via NVML when available) for the report card,
+    accumulated in `loop_state` so that a resumed run reports the total over all its attempts.
+
+    Call update() before each checkpoint save (so the totals travel with the checkpoint) and
+    report_items() at the end for the two keys report.py sums: "wall time (s)", "energy (Wh)".
+    """
+
+    def __init__(self, loop_state, device_index=0):
+        from nanochat.energy import EnergyMeter
+        self.loop_state = loop_state
+        loop_state.setdefault("wall_time_s", 0.0)
+        loop_state.setdefault("energy_wh", 0.0)
+        self.meter = EnergyMeter(device_index=device_index)
+        self.meter.start()
+        self.last_time, self.last_wh = time.time(), 0.0
+
+    def update(self):
+        now, wh = time.time(), self.meter.elapsed_wh()
+        self.loop_state["wall_time_s"] += now - self.last_time
+        if wh is not None:
+            self.loop_state["energy_wh"] += wh - self.last_wh
+            self.last_wh = wh
+        self.last_time = now
+
+    def report_items(self):
+        from nanochat.energy import energy_for_report
+        self.update()
+        wh = self.meter.stop()
+        return {"wall time (s)": round(self.loop_state["wall_time_s"], 1),
+                "energy (Wh)": energy_for_report(self.loop_state["energy_wh"] if wh is not None else None)}

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step
+from nanochat.checkpoint_manager import find_last_step, prune_checkpoints
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
@@ -29,7 +29,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
-                               get_muon_momentum, load_training_state, save_training_state, train_step)
+                               get_muon_momentum, load_training_state, save_training_state, StageClock, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -63,6 +63,7 @@ parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE ev
 parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
 parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints, delete older ones (0: keep all)")
 parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -84,6 +85,7 @@ synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None
 peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 use_compile = args.compile if args.compile is not None else device_type == "cuda"
 wandb_run = init_wandb(args.run, "nanochat", user_config, ddp_rank)
+report = get_report()
 print0(f"device: {device} x {ddp_world_size} | dtype: {dtype} | compile: {use_compile}")
 
 # Tokenizer
@@ -189,6 +191,7 @@ if core_metric_every > 0:
         print0(f"warning: {e}; training goes on without the CORE metric")
         core_metric_every = -1
 
+clock = StageClock(loop_state, device_index=ddp_local_rank)
 meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
                       peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
 
@@ -201,8 +204,11 @@ def save(step):
         "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": args.device_batch_size,
         "max_seq_len": args.max_seq_len,
     }
+    clock.update()
     save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.state)
     print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    if master_process and args.keep_checkpoints > 0:
+        prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
 
 # -----------------------------------------------------------------------------
@@ -220,6 +226,7 @@ for step in range(start_step, num_iterations + 1):
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        report.log_metrics("base", step, val_bpb=val_bpb)
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
 
@@ -271,6 +278,7 @@ for step in range(start_step, num_iterations + 1):
     loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
     debiased = loop_state["smooth_train_loss"] / (1 - ema_beta ** (step + 1))
     print0(meter.line(step, debiased, lrm, dt))
+    report.log_metrics("base", step + 1, train_loss=debiased)
     mfu = meter.mfu(dt)
     wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": meter.tokens_per_second(dt), **({"train/mfu": mfu} if mfu else {})})
@@ -282,7 +290,7 @@ mfu = meter.mfu(sps) if sps else None
 peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: "
        f"{loop_state['min_val_bpb']:.4f} | peak memory: {f'{peak_mem:.1f} GiB' if peak_mem else 'n/a'}")
-get_report().log("Base model training", [
+report.log("Base model training", [
     user_config,
     {"parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:e}", "steps": num_iterations,
      "tokens": f"{total_tokens:,}", "tokens per parameter": total_tokens / num_params,
@@ -293,7 +301,7 @@ get_report().log("Base model training", [
      "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
      "tok/s (steady state)": f"{args.total_batch_size / sps:,.0f}" if sps else "n/a",
      "training time": format_duration(loop_state["total_training_time"]),
-     "peak memory": f"{peak_mem:.2f} GiB" if peak_mem else "n/a"},
+     "peak memory": f"{peak_mem:.2f} GiB" if peak_mem else "n/a", **clock.report_items()},
 ])
 wandb_run.finish()
 compute_cleanup()

@@ -243,7 +243,7 @@ def main():
         "source": args.source, "checkpoint": f"{model_tag} step {meta['step']}", "data": data,
         "max problems per task": args.max_problems or "all", "num samples": args.num_samples,
         "temperature": args.temperature, "top k": args.top_k, "max new tokens": args.max_new_tokens,
-    }, table, {"ChatCORE": chat_core(accuracies)}])
+    }, table, {**accuracies, "ChatCORE": chat_core(accuracies)}])
     compute_cleanup()
 
 

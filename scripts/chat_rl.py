@@ -25,7 +25,7 @@ from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, 
                              get_dist_info, init_wandb, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import (ProgressMeter, format_duration, get_lr_multiplier, load_training_state,
+from nanochat.training import (ProgressMeter, StageClock, format_duration, get_lr_multiplier, load_training_state,
                                save_training_state, set_lr_and_momentum)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, rl_task
@@ -209,6 +209,8 @@ def main(argv=None):
     print0(f"data: {data} | train problems: {len(train_task):,} | val problems: {len(val_task):,}")
     print0(f"step: {args.examples_per_step} problems x {args.num_samples} samples | steps: {num_iterations:,}")
     meter = ProgressMeter(num_iterations, 0, 0, None, start_step=start_step)  # timing and ETA only
+    clock = StageClock(loop_state, device_index=device.index or 0)
+    report = get_report()
 
     # -------------------------------------------------------------------------
     # Training loop (evaluate/save the model after `step` steps, then step)
@@ -222,9 +224,11 @@ def main(argv=None):
                                                           args.top_k)
             loop_state["pass_at_1"], loop_state["pass_at_k"] = pass_at_1, pass_at_k
             print0(f"step {step:05d} | val pass@1 {pass_at_1:.4f} | pass@{args.eval_samples} {pass_at_k:.4f}")
+            report.log_metrics("rl", step, pass_at_1=pass_at_1)
             wandb_run.log({"step": step, "val/pass@1": pass_at_1, f"val/pass@{args.eval_samples}": pass_at_k})
             model.train()
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            clock.update()
             save_training_state(checkpoint_dir, step, model, optimizers, {
                 "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
                 "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
@@ -283,17 +287,18 @@ def main(argv=None):
                f"mean sequence length {token_sum / reply_count:.0f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
                f"eta {format_duration(meter.eta_seconds(step))}")
         wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/dt": dt})
+        report.log_metrics("rl", step + 1, mean_reward=mean_reward)
 
     # -------------------------------------------------------------------------
     # Report
     print0(f"training time: {format_duration(loop_state['total_training_time'])} | "
            f"val pass@1: {loop_state['pass_at_1']:.4f}")
-    get_report().log("Chat RL", [user_config, {
+    report.log("Chat RL", [user_config, {
         "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}",
         "steps": num_iterations, "problems per step": args.examples_per_step, "samples per problem": args.num_samples,
         "mean reward (first step)": loop_state["first_reward"], "mean reward (last step)": loop_state["last_reward"],
         "val pass@1": loop_state["pass_at_1"], f"val pass@{args.eval_samples}": loop_state["pass_at_k"],
-        "training time": format_duration(loop_state["total_training_time"]),
+        "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
     }])
     wandb_run.finish()
     compute_cleanup()

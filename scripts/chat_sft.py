@@ -22,7 +22,7 @@ from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, 
                              init_wandb, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, load_training_state,
+from nanochat.training import (PrefetchingLoader, ProgressMeter, StageClock, format_duration, load_training_state,
                                save_training_state, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, sft_mixture
@@ -58,7 +58,7 @@ user_config = vars(args).copy()
 # -----------------------------------------------------------------------------
 # Setup: compute, the model, the data
 try:
-    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+    ddp, ddp_rank, local_rank, ddp_world_size, device = compute_init(args.device_type)
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                                step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
@@ -111,6 +111,8 @@ train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_token
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
 print0(f"batch: {args.target_examples_per_step} conversations per step = {B} x {ddp_world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
+clock = StageClock(loop_state, device_index=local_rank)
+report = get_report()
 meter = ProgressMeter(num_iterations, args.target_examples_per_step, 0, None, start_step=start_step)
 
 
@@ -140,6 +142,7 @@ for step in range(start_step, num_iterations + 1):
         val_loss = evaluate_val_loss()
         loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
         print0(f"step {step:05d} | val loss {val_loss:.4f}")
+        report.log_metrics("sft", step, val_loss=val_loss)
         wandb_run.log({"step": step, "val/loss": val_loss})
         model.train()
     if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
@@ -154,6 +157,7 @@ for step in range(start_step, num_iterations + 1):
         wandb_run.log({"step": step, **{f"metrics/{k}": v for k, v in metrics.items()}})
         model.train()
     if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        clock.update()
         save_training_state(checkpoint_dir, step, model, optimizers, {
             "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
             "val_loss": val_loss, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
@@ -175,16 +179,17 @@ for step in range(start_step, num_iterations + 1):
     loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
     debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
     print0(meter.line(step, debiased, lrm, dt).replace("tok/s", "conversations/s"))
+    report.log_metrics("sft", step + 1, train_loss=debiased)
     wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm})
 
 # -----------------------------------------------------------------------------
 # Report
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val loss: {loop_state['min_val_loss']:.4f}")
-get_report().log("Chat SFT", [user_config, {
+report.log("Chat SFT", [user_config, {
     "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}", "steps": num_iterations,
     "train conversations": len(train_set), "minimum val loss": loop_state["min_val_loss"], "final val loss": val_loss,
     **{f"{k} accuracy": v for k, v in metrics.items()},
-    "training time": format_duration(loop_state["total_training_time"]),
+    "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
 }])
 wandb_run.finish()
 compute_cleanup()

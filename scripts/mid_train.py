@@ -24,7 +24,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
-                               get_muon_momentum, load_training_state, save_training_state, train_step)
+                               get_muon_momentum, load_training_state, save_training_state, StageClock, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import mid_mixture, resolve_data_mode
 
@@ -56,7 +56,7 @@ user_config = vars(args).copy()
 # -----------------------------------------------------------------------------
 # Setup: compute, the base model, the data
 try:
-    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+    ddp, ddp_rank, local_rank, ddp_world_size, device = compute_init(args.device_type)
     model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
                                              step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
@@ -120,6 +120,8 @@ token_bytes = get_token_bytes(device=device)
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
 print0(f"batch: {args.total_batch_size:,} tokens per step = {B} x {T} x {ddp_world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
+clock = StageClock(loop_state, device_index=local_rank)
+report = get_report()
 meter = ProgressMeter(num_iterations, args.total_batch_size, orig_model.estimate_flops(),
                       peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
 
@@ -140,9 +142,11 @@ for step in range(start_step, num_iterations + 1):
             sys.exit(f"mid_train: {e}; raise --eval-tokens so the validation rows hold assistant tokens")
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f} (assistant tokens)")
+        report.log_metrics("mid", step, val_bpb=val_bpb)
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
     if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        clock.update()
         save_training_state(checkpoint_dir, step, orig_model, optimizers, {
             "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
             "val_bpb": val_bpb, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(),
@@ -166,6 +170,7 @@ for step in range(start_step, num_iterations + 1):
     loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
     debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
     print0(meter.line(step, debiased, lrm, dt))
+    report.log_metrics("mid", step + 1, train_loss=debiased)
     wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt})
 
 # -----------------------------------------------------------------------------
@@ -173,11 +178,11 @@ for step in range(start_step, num_iterations + 1):
 sps = meter.seconds_per_step()
 mfu = meter.mfu(sps) if sps else None
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: {loop_state['min_val_bpb']:.4f}")
-get_report().log("Midtraining", [user_config, {
+report.log("Midtraining", [user_config, {
     "data": data, "base checkpoint": f"{model_tag} step {base_meta['step']}", "steps": num_iterations,
     "train conversations": len(train_set), "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
     "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
-    "training time": format_duration(loop_state["total_training_time"]),
+    "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
 }])
 wandb_run.finish()
 compute_cleanup()

@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from scripts import chat_rl
 from scripts.chat_rl import collate_rollouts, group_advantages, policy_gradient_loss, sample_rollouts

@@ -315,3 +315,16 @@ def test_rng_state_survives_json_and_restores_every_generator():
     cm.restore_rng_state(state)
     got = (random.random(), torch.rand(3))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def test_prune_checkpoints_keeps_the_last_ones(tmp_path):
+    from nanochat.checkpoint_manager import list_steps, prune_checkpoints, save_checkpoint
+    ckpt = str(tmp_path / "d1")
+    for step in (10, 20, 30, 40):
+        save_checkpoint(ckpt, step, {"w": torch.zeros(2)}, {"m": torch.ones(1)}, {"model_config": {}})
+    assert prune_checkpoints(ckpt, 2) == [10, 20]
+    assert list_steps(ckpt) == [30, 40]
+    assert sorted(os.listdir(ckpt)) == ["meta_000030.json", "meta_000040.json", "model_000030.pt", "model_000040.pt",
+                                        "optim_000030_rank0.pt", "optim_000040_rank0.pt"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_checkpoints(ckpt, 0)
