@@ -250,11 +250,12 @@ class GPT(nn.Module):
         return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                         weight_decay=0.0, adam_betas=(0.8, 0.95), lr_scale=1.0):
         """Return [adamw, muon]: AdamW on wte and lm_head, Muon on every 2-D block matrix.
 
         The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
-        Every param group gets "initial_lr" = its lr, so an LR schedule sets
+        lr_scale multiplies every learning rate (the chat stages start from a fraction of the
+        pretraining LRs). Every param group gets "initial_lr" = its lr, so an LR schedule sets
         group["lr"] = group["initial_lr"] * multiplier. With torch.distributed initialised and
         world_size > 1 the ZeRO-style DistAdamW/DistMuon are returned: they average gradients
         across ranks inside step(), so the model must not be wrapped in DDP.
@@ -280,6 +281,7 @@ class GPT(nn.Module):
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
+                group["lr"] *= lr_scale
                 group["initial_lr"] = group["lr"]
         return optimizers
 

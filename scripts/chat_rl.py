@@ -189,10 +189,8 @@ def main(argv=None):
     # Optimizers, resume. The loader state is the example cursor: the global index of the next
     # training problem (steps take consecutive problems, wrapping around the task).
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                        lr_scale=args.init_lr_frac)
     start_step, cursor = 0, 0
     loop_state = {"first_reward": None, "last_reward": None, "pass_at_1": None, "pass_at_k": None,
                   "total_training_time": 0.0}

@@ -91,10 +91,7 @@ metric_tasks = ["MMLU", "ARC-Easy"] if data == "online" else ["DefinitionMC", "A
 
 # Optimizers, resume
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                    matrix_lr=args.matrix_lr)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+                                    matrix_lr=args.matrix_lr, lr_scale=args.init_lr_frac)
 start_step, position = 0, 0
 loop_state = {"min_val_loss": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:

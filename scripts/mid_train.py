@@ -96,10 +96,7 @@ else:
 
 # Optimizers, resume
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                    matrix_lr=args.matrix_lr)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+                                    matrix_lr=args.matrix_lr, lr_scale=args.init_lr_frac)
 start_step, loader_state = 0, None
 loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:
