@@ -16,6 +16,14 @@ COMMON_USAGE='
   -- ARGS...              extra arguments passed to the stage'"'"'s python script
   --help                  show this message'
 
+# The --help of the single-stage scripts (speedrun_dgx.sh has its own)
+stage_usage() {
+    cat <<USAGE
+Usage: bash $(basename "$0") [flags] [-- extra args for the python script]
+$COMMON_USAGE
+USAGE
+}
+
 depth=20
 device_batch_size=auto
 run=dummy

@@ -3,14 +3,9 @@
 # Resumes from the stage's last checkpoint when it was interrupted.
 set -euo pipefail
 
-usage() {
-    cat <<USAGE
-Usage: bash sft.sh [flags] [-- extra args for the python script]
-$COMMON_USAGE
-USAGE
-}
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+usage() { stage_usage; }
 parse_flags "$@"
 setup_env
 rerun=1  # run explicitly: redo the stage even if an earlier run finished it
