@@ -36,7 +36,8 @@ echo "base dir: $NANOCHAT_BASE_DIR | log: $log"
 
 # Report: a new run starts a new report card (a resumed run keeps it)
 if [ ! -f "$logs/report_reset.done" ]; then
-    "$py" -m nanochat.report reset
+    "$py" -m nanochat.report reset --config preset="$preset" depth="$depth" data="$data" \
+        device_batch_size="$device_batch_size" nproc="$nproc" vocab_size="$vocab_size" seq_len="$seq_len"
     touch "$logs/report_reset.done"
 fi
 
