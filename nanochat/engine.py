@@ -143,7 +143,9 @@ def use_calculator(expr):
     prints as an int, "24" not "24.0", as in GSM8K's calculator annotations), or None for
     anything else (names, other calls, huge numbers, division by zero, over 200 characters).
     """
-    expr = expr.strip().replace(",", "") if "count" not in expr else expr.strip()
+    expr = expr.strip()
+    if "count" not in expr:
+        expr = expr.replace(",", "")  # thousands separators (1,000); in a count() call a comma is syntax
     if not expr or len(expr) > _MAX_EXPR_CHARS:
         return None
     try:
