@@ -269,3 +269,36 @@ class Engine:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
+
+
+class TokenDecoder:
+    """Streamed token ids -> pieces of text with their kind, for showing a reply as it comes.
+
+    Kinds: "text", "python" (a tool call), "output" (the tool's result), or "special" (a
+    delimiter token, as its string). Tokens are held back while they end in an incomplete UTF-8
+    character (up to 16, so junk bytes cannot stall a stream): every piece ends on a character
+    boundary, and the pieces join to exactly tokenizer.decode(all tokens).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.kind_after = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
+                           special("<|output_start|>"): "output", special("<|output_end|>"): "text"}
+        self.kind, self.pending = "text", []
+
+    def push(self, token):
+        """Feed one token id; returns a list of (kind, text) pieces ready to show (maybe empty)."""
+        if token in self.kind_after:
+            pieces = self.flush() + [("special", self.tokenizer.decode([token]))]
+            self.kind = self.kind_after[token]
+            return pieces
+        self.pending.append(token)
+        if len(self.pending) < 16 and self.tokenizer.decode(self.pending).endswith("\ufffd"):
+            return []
+        return self.flush()
+
+    def flush(self):
+        """Everything held back, as (kind, text) pieces (call once the stream ends)."""
+        text, self.pending = self.tokenizer.decode(self.pending), []
+        return [(self.kind, text)] if text else []

@@ -22,7 +22,7 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
 from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir
-from nanochat.engine import Engine
+from nanochat.engine import Engine, TokenDecoder
 
 # Flags
 parser = ArgumentParser(description="Chat with a trained model in the terminal")
@@ -56,9 +56,7 @@ print(f"Model nanochat-{source}-{model_tag}-step{step}: {num_params / 1e6:.1f}M 
 engine = Engine(model, tokenizer)
 SPECIAL = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 STOP_TOKENS = {SPECIAL["<|assistant_end|>"], SPECIAL["<|bos|>"]}
-# delimiter token -> (the part type of the tokens after it, or None after an end delimiter)
-PART_AFTER = {SPECIAL["<|python_start|>"]: "python", SPECIAL["<|python_end|>"]: None,
-              SPECIAL["<|output_start|>"]: "python_output", SPECIAL["<|output_end|>"]: None}
+PART_TYPE = {"text": "text", "python": "python", "output": "python_output"}  # decoder kind -> conversation part type
 color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
 STYLE = {"text": ("", ""), "python": ("\033[36m[python] ", "\033[0m"), "python_output": ("\033[33m[output] ", "\033[0m")} if color \
     else {"text": ("", ""), "python": ("[python] ", ""), "python_output": (" [output] ", " ")}
@@ -75,20 +73,20 @@ def answer(messages):
     if room < 1:
         print(f"(the conversation is {len(tokens)} tokens, the model's whole context of {model.config.sequence_len}; type `clear`)")
         return []
-    parts, pending, part_type = [], [], "text"
+    parts, decoder = [], TokenDecoder(tokenizer)
 
-    def emit():  # print and record the pending tokens once they decode to whole characters
-        text = tokenizer.decode(pending)
-        pending.clear()
-        if not text:
-            return
-        if not parts or parts[-1]["type"] != part_type:
-            if parts and parts[-1]["type"] != "text":
-                print(STYLE[parts[-1]["type"]][1], end="")
-            parts.append({"type": part_type, "text": ""})
-            print(STYLE[part_type][0], end="")
-        parts[-1]["text"] += text
-        print(text, end="", flush=True)
+    def show(pieces):  # print and record decoded pieces, styling tool calls and outputs
+        for kind, text in pieces:
+            if kind == "special":
+                continue
+            part_type = PART_TYPE[kind]
+            if not parts or parts[-1]["type"] != part_type:
+                if parts and parts[-1]["type"] != "text":
+                    print(STYLE[parts[-1]["type"]][1], end="")
+                parts.append({"type": part_type, "text": ""})
+                print(STYLE[part_type][0], end="")
+            parts[-1]["text"] += text
+            print(text, end="", flush=True)
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -99,16 +97,10 @@ def answer(messages):
                 token = token_column[0]
                 if token in STOP_TOKENS:
                     break
-                if token in PART_AFTER:
-                    emit()
-                    part_type = PART_AFTER[token] or "text"
-                    continue
-                pending.append(token)
-                if len(pending) >= 16 or not tokenizer.decode(pending).endswith("\ufffd"):
-                    emit()
+                show(decoder.push(token))
     except KeyboardInterrupt:
         print(" (stopped)", end="")
-    emit()
+    show(decoder.flush())
     if parts and parts[-1]["type"] != "text":
         print(STYLE[parts[-1]["type"]][1], end="")
     print(flush=True)

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
 from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir, print0
-from nanochat.engine import Engine
+from nanochat.engine import Engine, TokenDecoder
 
 # Limits on one request; each error message states the number
 MAX_MESSAGES = 500
@@ -104,9 +104,6 @@ print0(f"Model {MODEL_ID}: {num_params / 1e6:.1f}M params, context {SEQUENCE_LEN
        f"on {', '.join(str(d) for d in devices)}")
 SPECIAL = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
 STOP_TOKENS = {SPECIAL["<|assistant_end|>"], SPECIAL["<|bos|>"]}
-# delimiter token -> the kind of the tokens that follow it
-KIND_AFTER = {SPECIAL["<|python_start|>"]: "python", SPECIAL["<|python_end|>"]: "text",
-              SPECIAL["<|output_start|>"]: "output", SPECIAL["<|output_end|>"]: "text"}
 UI_HTML = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html"), encoding="utf-8").read()
 
 
@@ -266,33 +263,6 @@ class Generation:
                 yield item
         finally:
             self.cancel()
-
-
-class TokenDecoder:
-    """Token ids -> pieces of text with their kind: "text", "python" (a tool call), "output"
-    (the tool's result), or "special" (a delimiter token, as its string).
-
-    Holds tokens back while they end in an incomplete UTF-8 character (up to 16, so junk bytes
-    cannot stall a stream): every piece then ends on a character boundary, and the pieces join
-    to exactly tokenizer.decode(all tokens).
-    """
-
-    def __init__(self):
-        self.kind, self.pending = "text", []
-
-    def push(self, token):
-        if token in KIND_AFTER:
-            pieces = self.flush() + [("special", tokenizer.decode([token]))]
-            self.kind = KIND_AFTER[token]
-            return pieces
-        self.pending.append(token)
-        if len(self.pending) < 16 and tokenizer.decode(self.pending).endswith("\ufffd"):
-            return []
-        return self.flush()
-
-    def flush(self):
-        text, self.pending = tokenizer.decode(self.pending), []
-        return [(self.kind, text)] if text else []
 
 
 class StopMatcher:
@@ -545,7 +515,7 @@ async def ui_chat_completions(body: UIChatRequest):
     stats["requests_served"] += 1
 
     async def events():
-        decoder, count, finish = TokenDecoder(), 0, "length"
+        decoder, count, finish = TokenDecoder(tokenizer), 0, "length"
         try:
             async for token in generation.tokens():
                 count += 1
@@ -585,7 +555,7 @@ async def openai_chat_completions(body: ChatCompletionRequest, request: Request)
 
     async def content_pieces():
         """Yield the reply's text as it is sampled; counts usage["completion_tokens"] and sets finish[0]."""
-        decoder, matcher = TokenDecoder(), StopMatcher(stops)
+        decoder, matcher = TokenDecoder(tokenizer), StopMatcher(stops)
         async for token in generation.tokens():
             usage["completion_tokens"] += 1
             if token in STOP_TOKENS:
