@@ -3,8 +3,9 @@ Training throughput of one optimizer step (forward + backward + Muon/AdamW) at a
 batch and sequence length: tok/s, MFU and peak memory. Synthetic tokens, so only the model and
 the optimizers are measured, not the data loader.
 
-Baseline, measured in the same run: the eager model (no torch.compile); every other mode is
-printed as a ratio against it.
+Baseline, measured in the same run: the eager model (no torch.compile) in the default dtype
+(bf16 autocast on CUDA sm80+, fp32 on CPU); every other mode is printed as a ratio against it:
+"compile" (torch.compile), "bf16" (bf16 autocast forced, e.g. on a CPU with AMX).
 
     python -m bench.train_throughput --depth 4 --device-batch-size 8 --max-seq-len 512 --steps 10
     python -m bench.train_throughput --depth 20 --device-batch-size 32 --modes eager,compile   # on a GPU
@@ -27,7 +28,8 @@ parser.add_argument("--max-seq-len", type=int, default=512)
 parser.add_argument("--vocab-size", type=int, default=65536)
 parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
 parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
-parser.add_argument("--modes", default=None, help="comma list of eager,compile (default: eager,compile on CUDA, eager on CPU)")
+parser.add_argument("--modes", default=None,
+                    help="comma list of eager,compile,bf16 (default: eager,compile on CUDA, eager,bf16 on CPU)")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
 args = parser.parse_args()
 
@@ -38,7 +40,7 @@ autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 device_name = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
 peak_flops = get_peak_flops(device_name) if device_type == "cuda" else None
-modes = (args.modes or ("eager,compile" if device_type == "cuda" else "eager")).split(",")
+modes = (args.modes or ("eager,compile" if device_type == "cuda" else "eager,bf16")).split(",")
 
 
 def measure(mode):
@@ -51,6 +53,7 @@ def measure(mode):
     model.init_weights()
     optimizers = model.setup_optimizers()
     step_model = torch.compile(model, dynamic=False) if mode == "compile" else model
+    ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if mode == "bf16" else autocast_ctx
     B, T = args.device_batch_size, args.max_seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
@@ -60,7 +63,7 @@ def measure(mode):
     for step in range(args.warmup_steps + args.steps):
         synchronize()
         t0 = time.perf_counter()
-        with autocast_ctx:
+        with ctx:
             loss = step_model(x, y)
         loss.backward()
         set_lr_and_momentum(optimizers, 1.0, get_muon_momentum(step))
