@@ -38,12 +38,13 @@ SEQUENCE_LEN = 2048
 TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step
 TOKENS_PER_PARAM = 20  # Chinchilla
 BASE_SAVE_EVERY = 1000  # base_train --save-every
+BASE_KEEP_CHECKPOINTS = 3  # base_train --keep-checkpoints: older base checkpoints are deleted
 # Pretraining data, from upstream's speedrun.sh (https://github.com/karpathy/nanochat/blob/master/speedrun.sh):
 # the tokenizer gives ~4.8 chars/token on FineWeb-EDU, and a shard holds ~250M chars in ~100 MB.
 CHARS_PER_TOKEN = 4.8
 CHARS_PER_SHARD = 250e6
 SHARD_BYTES = 100e6
-# Checkpoints the chat stages keep (every one holds model + optimizer state, nothing is pruned):
+# Checkpoints the chat stages keep (every one holds model + optimizer state, none is pruned):
 # mid and SFT run ~800 steps at --save-every 500 (2 each); RL one pass over GSM8K's 7,473
 # problems at 16 per step is 467 steps at --save-every 60 (8).
 CHAT_CHECKPOINTS = 12
@@ -226,7 +227,7 @@ def check_disk(free_bytes, need_bytes, path, detail):
     reason = f"{free_bytes / 1e9:.1f} GB free at {path}; the run needs ~{need_bytes / 1e9:.1f} GB ({detail})"
     if need_bytes > free_bytes:
         return Check("disk", "FAIL", reason, "free space there, or set NANOCHAT_BASE_DIR to a bigger disk "
-                     "(fewer checkpoints: a larger --save-every)")
+                     "(fewer checkpoints: base_train --keep-checkpoints 1, or a larger --save-every)")
     return Check("disk", "PASS", reason)
 
 
@@ -294,15 +295,16 @@ def estimate_wall_time(total_flops, device_name, mfu=ASSUMED_MFU):
     return None if peak is None else total_flops / (peak * mfu)
 
 
-def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, save_every=BASE_SAVE_EVERY):
+def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, save_every=BASE_SAVE_EVERY,
+                  keep=BASE_KEEP_CHECKPOINTS):
     """Bytes a run still writes: the shards not yet downloaded (none when `download` is False:
     offline, the corpus is what it is) and every checkpoint (fp32 model state dict + optimizer
-    state; base_train keeps one per `save_every` steps plus the last, the chat stages
-    CHAT_CHECKPOINTS). Returns (bytes, a one-line breakdown, shards the pretraining reads)."""
+    state; base_train saves one per `save_every` steps and keeps the last `keep`, so at most
+    keep + 1 exist while a new one is written; the chat stages CHAT_CHECKPOINTS). Returns (bytes, a one-line breakdown, shards the pretraining reads)."""
     shards = math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD) + 1  # + the validation shard
     to_download = max(shards - shards_present, 0) if download else 0
     steps = math.ceil(tokens / TOTAL_BATCH_SIZE)
-    checkpoints = math.ceil(steps / save_every) + CHAT_CHECKPOINTS
+    checkpoints = min(math.ceil(steps / save_every), keep + 1) + CHAT_CHECKPOINTS
     checkpoint_bytes = 4 * params + optimizer_bytes
     need = to_download * SHARD_BYTES + checkpoints * checkpoint_bytes
     detail = (f"{to_download} shards x ~{SHARD_BYTES / 1e6:.0f} MB to download, {checkpoints} checkpoints x "
