@@ -74,30 +74,36 @@ class KVCache:
         return other
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """Pick one token per row.
 
     logits: (B, vocab_size) float; rng: a torch.Generator on logits.device (seeded by the
     caller, so sampling is reproducible). temperature 0 means greedy (argmax, rng unused);
-    top_k keeps only the k largest logits before sampling. Returns (B, 1) int64.
+    top_k keeps only the k largest logits; top_p (nucleus sampling, Holtzman et al. 2019,
+    https://arxiv.org/abs/1904.09751) then keeps the smallest set of most likely tokens whose
+    probability adds up to top_p (always at least the most likely one). Returns (B, 1) int64.
 
     Raises:
-        ValueError: temperature < 0 or top_k < 1.
+        ValueError: temperature < 0, top_k < 1, or top_p outside [0, 1].
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] or None, got {top_p}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    indices = None
     if top_k is not None:
-        k = min(top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k, dim=-1)  # (B, k)
-        probs = torch.softmax(values.float() / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1) index into top k
-        return indices.gather(-1, choice)
+        logits, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        beyond = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # the mass before them already exceeds top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(beyond, 0.0))
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1)
+    return choice if indices is None else indices.gather(-1, choice)
 
 
 # The calculator: arithmetic on numbers and str.count, evaluated by walking the syntax tree
@@ -179,7 +185,7 @@ class Engine:
         self.tokenizer = tokenizer
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Prefill `tokens` (a list of ints) once, then decode num_samples rows one token per step.
 
         Yields (token_column, token_masks) per step: lists of num_samples ints, the token each
@@ -212,7 +218,7 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         done = [False] * num_samples
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()  # num_samples ints
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # num_samples ints
             token_column, token_masks = [], []
             for row, token in zip(rows, sampled):
                 forced = bool(row.forced)

@@ -17,8 +17,8 @@ Errors are in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 40
 limit (message length, context length, n != 1, role order), 401 wrong or missing API key (/v1
 routes, with --api-key), 404 unknown route or model, 413 body over --max-body-bytes, 422 a field
 of the wrong type or out of range, 429 the wait queue is full (--max-queue), 503 no worker came
-free within --queue-timeout. top_p is accepted (0..1) and ignored: sampling is temperature plus
-top-k (top_k is accepted as an extension field). In /v1 content, tool calls appear as the
+free within --queue-timeout. Sampling honours temperature, top_p (nucleus) and top_k (accepted as
+an extension field). In /v1 content, tool calls appear as the
 special tokens that delimit them (<|python_start|>1+1<|python_end|><|output_start|>2<|output_end|>).
 
 Not for: batching many requests through one replica, or serving the public internet without a
@@ -202,11 +202,11 @@ class Generation:
 
     _END = object()
 
-    def __init__(self, worker, tokens, max_tokens, temperature, top_k, seed):
+    def __init__(self, worker, tokens, max_tokens, sampling_params):
         self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(worker, tokens, max_tokens, temperature, top_k, seed), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(worker, tokens, max_tokens, sampling_params), daemon=True)
         self.thread.start()
 
     def _send(self, item):
@@ -215,11 +215,11 @@ class Generation:
         except RuntimeError:  # the event loop closed (server shutting down)
             self.stopped.set()
 
-    def _run(self, worker, tokens, max_tokens, temperature, top_k, seed):
+    def _run(self, worker, tokens, max_tokens, sampling_params):
         t0, count = time.perf_counter(), 0
         try:
             with worker.autocast():
-                for token_column, _ in worker.engine.generate(tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed):
+                for token_column, _ in worker.engine.generate(tokens, max_tokens=max_tokens, **sampling_params):
                     if self.stopped.is_set():
                         break
                     count += 1
@@ -383,11 +383,12 @@ def render_prompt(messages, max_tokens):
 
 
 def sampling(body):
-    """(temperature, top_k, seed) of a request, with the server's defaults; a fresh random seed unless given."""
-    temperature = args.temperature if body.temperature is None else body.temperature
-    top_k = args.top_k if body.top_k is None else body.top_k
-    seed = random.randrange(2**31) if body.seed is None else body.seed
-    return temperature, top_k, seed
+    """Engine.generate's temperature, top_k, top_p and seed for a request: the server's defaults
+    where the request gives none, and a fresh random seed unless it gives one."""
+    return {"temperature": args.temperature if body.temperature is None else body.temperature,
+            "top_k": args.top_k if body.top_k is None else body.top_k,
+            "top_p": getattr(body, "top_p", None),
+            "seed": random.randrange(2**31) if body.seed is None else body.seed}
 
 
 def sse(payload):
@@ -509,9 +510,9 @@ async def list_models():
 @app.post("/chat/completions")
 async def ui_chat_completions(body: UIChatRequest):
     tokens, max_tokens = render_prompt(body.messages, body.max_tokens)
-    temperature, top_k, seed = sampling(body)
+    params = sampling(body)
     worker = await pool.acquire()
-    generation = Generation(worker, tokens, max_tokens, temperature, top_k, seed)
+    generation = Generation(worker, tokens, max_tokens, params)
     stats["requests_served"] += 1
 
     async def events():
@@ -546,9 +547,9 @@ async def openai_chat_completions(body: ChatCompletionRequest, request: Request)
     if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", param="max_tokens")
     tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens)
-    temperature, top_k, seed = sampling(body)
+    params = sampling(body)
     worker = await pool.acquire()
-    generation = Generation(worker, tokens, max_tokens, temperature, top_k, seed)
+    generation = Generation(worker, tokens, max_tokens, params)
     stats["requests_served"] += 1
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}

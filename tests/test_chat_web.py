@@ -408,3 +408,14 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "scripts.base_train" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_top_p_is_honoured(server):
+    """top_p=0 keeps only the most likely token: the reply is the greedy one whatever the seed."""
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    client = client_for(server)
+    greedy = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=12, temperature=0)
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=12, temperature=1.0,
+                                           top_p=0.0, seed=seed)
+        assert r.choices[0].message.content == greedy.choices[0].message.content

@@ -224,3 +224,16 @@ def test_engine_runs_the_calculator_and_forces_its_output():
     for row, mask in zip(results, masks):
         assert row[1:] == expected
         assert mask[1:] == [1] * 6 + [0] * 4 + [1] * 3
+
+
+def test_top_p_keeps_the_nucleus_only():
+    from nanochat.engine import sample_next_token
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(2000, 1)  # (2000, 3)
+    rng = torch.Generator().manual_seed(0)
+    seen = set(sample_next_token(logits, rng, temperature=1.0, top_p=0.6)[:, 0].tolist())
+    assert seen == {0, 1}  # 0.5 + 0.3 covers 0.6; the 0.2 token lies beyond the nucleus
+    assert set(sample_next_token(logits, rng, temperature=1.0, top_p=0.0)[:, 0].tolist()) == {0}
+    assert set(sample_next_token(logits, rng, temperature=1.0, top_p=1.0)[:, 0].tolist()) == {0, 1, 2}
+    assert set(sample_next_token(logits, rng, temperature=1.0, top_k=2, top_p=0.5)[:, 0].tolist()) == {0}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next_token(logits, rng, top_p=1.5)
