@@ -90,6 +90,7 @@ class ProgressMeter:
         return self.timed_seconds / self.timed_steps if self.timed_steps else None
 
     def tokens_per_second(self, dt):
+        """Tokens (or, for SFT, conversations) per second for a step of dt seconds."""
         return self.tokens_per_step / dt
 
     def mfu(self, dt):
@@ -177,6 +178,7 @@ class PrefetchingLoader:
         self._batch = next(loader)
 
     def next(self):
+        """The next (inputs, targets); afterwards `state` is the position right after them."""
         inputs, targets, state = self._batch
         self.state = state
         self._batch = next(self.loader)
@@ -235,6 +237,7 @@ class StageClock:
         self.last_time, self.last_wh = time.time(), 0.0
 
     def update(self):
+        """Add the wall time and energy since the last update to loop_state."""
         now, wh = time.time(), self.meter.elapsed_wh()
         self.loop_state["wall_time_s"] += now - self.last_time
         if wh is not None:
@@ -243,6 +246,7 @@ class StageClock:
         self.last_time = now
 
     def report_items(self):
+        """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report."""
         from nanochat.energy import energy_for_report
         self.update()
         wh = self.meter.stop()
