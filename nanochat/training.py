@@ -137,18 +137,21 @@ def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_st
 
 
 def load_training_state(checkpoint_dir, step, model, optimizers, device):
-    """Restore model, optimizers and RNG from a save_training_state checkpoint, in place.
+    """Restore model, optimizers and RNG from a save_training_state checkpoint, in place, and
+    print which one. step None = the last complete checkpoint in checkpoint_dir.
 
-    Returns (meta, loader_state): loader_state is this rank's data position.
+    Returns (step, meta, loader_state): loader_state is this rank's data position.
 
     Raises:
-        FileNotFoundError: no such checkpoint (the message lists the steps there are).
+        FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are).
         ValueError: the checkpoint was written by a different number of processes, or its
             model does not fit `model` (the message names both shapes).
     """
-    from nanochat.checkpoint_manager import load_checkpoint, restore_rng_state
-    from nanochat.common import get_dist_info
+    from nanochat.checkpoint_manager import find_last_step, load_checkpoint, restore_rng_state
+    from nanochat.common import get_dist_info, print0
     _, rank, _, world_size = get_dist_info()
+    if step is None:
+        step = find_last_step(checkpoint_dir)
     model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     saved_world = len(meta["dataloader_state"])
     if saved_world != world_size:
@@ -161,7 +164,8 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
     for opt, state in zip(optimizers, optim_data):
         opt.load_state_dict(state)
     restore_rng_state(meta["rng_state"])
-    return meta, meta["dataloader_state"][rank]
+    print0(f"resumed from {checkpoint_dir} step {step}")
+    return step, meta, meta["dataloader_state"][rank]
 
 
 class PrefetchingLoader:

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step, prune_checkpoints
+from nanochat.checkpoint_manager import prune_checkpoints
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
@@ -148,8 +148,8 @@ loader_state = None  # where the next batch starts; None = the beginning of the 
 loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume or args.resume_from_step >= 0:
     try:
-        resume_step = args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir)
-        meta, loader_state = load_training_state(checkpoint_dir, resume_step, orig_model, optimizers, device)
+        resume_step, meta, loader_state = load_training_state(
+            checkpoint_dir, args.resume_from_step if args.resume_from_step >= 0 else None, orig_model, optimizers, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"base_train: cannot resume: {e}. Drop --resume to start a new run.")
     if meta.get("tokenizer_hash") != tokenizer.content_hash():
@@ -159,7 +159,6 @@ if args.resume or args.resume_from_step >= 0:
                f"with {num_iterations} steps of {args.total_batch_size} tokens: the LR schedule changes")
     start_step = resume_step
     loop_state = meta["loop_state"]
-    print0(f"resumed from {checkpoint_dir} step {resume_step}")
 
 if use_compile:
     model = torch.compile(model, dynamic=False)

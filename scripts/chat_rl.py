@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_dist_info, init_wandb, print0)
 from nanochat.engine import Engine
@@ -196,13 +196,11 @@ def main(argv=None):
                   "total_training_time": 0.0}
     if args.resume:
         try:
-            resume_step = find_last_step(checkpoint_dir)
-            meta, loader_state = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+            resume_step, meta, loader_state = load_training_state(checkpoint_dir, None, model, optimizers, device)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"chat_rl: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
         start_step, cursor = resume_step, loader_state["cursor"]
         loop_state, num_iterations = meta["loop_state"], meta["num_iterations"]
-        print0(f"resumed from {checkpoint_dir} step {resume_step}")
 
     print0(f"data: {data} | train problems: {len(train_task):,} | val problems: {len(val_task):,}")
     print0(f"step: {args.examples_per_step} problems x {args.num_samples} samples | steps: {num_iterations:,}")

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.chat_dataloader import sft_batches
-from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              init_wandb, print0)
 from nanochat.engine import Engine
@@ -96,12 +96,10 @@ start_step, position = 0, 0
 loop_state = {"min_val_loss": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:
     try:
-        resume_step = find_last_step(checkpoint_dir)
-        meta, position = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+        resume_step, meta, position = load_training_state(checkpoint_dir, None, model, optimizers, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_sft: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
     start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
-    print0(f"resumed from {checkpoint_dir} step {resume_step}")
 train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_tokens, device, ddp_rank, ddp_world_size,
                                               position), position)
 

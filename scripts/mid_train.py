@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.chat_dataloader import packed_conversation_loader
-from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
                              get_peak_flops, init_wandb, print0)
 from nanochat.loss_eval import evaluate_bpb
@@ -101,12 +101,10 @@ start_step, loader_state = 0, None
 loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:
     try:
-        resume_step = find_last_step(checkpoint_dir)
-        meta, loader_state = load_training_state(checkpoint_dir, resume_step, model, optimizers, device)
+        resume_step, meta, loader_state = load_training_state(checkpoint_dir, None, model, optimizers, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mid_train: cannot resume: {e}. Drop --resume to start from the base model.")
     start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
-    print0(f"resumed from {checkpoint_dir} step {resume_step}")
 orig_model = model
 if device_type == "cuda":
     model = torch.compile(model, dynamic=False)
