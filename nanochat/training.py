@@ -8,6 +8,14 @@ Not for: the training loops themselves (each stage's script owns its recipe) or 
 
 import time
 
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load_checkpoint, restore_rng_state,
+                                         save_checkpoint)
+from nanochat.common import get_dist_info, print0
+from nanochat.energy import EnergyMeter, energy_for_report
+
 
 def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """Multiplier on every param group's initial_lr at `step` (0-based).
@@ -122,9 +130,6 @@ def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_st
     optimizer shard, and rank 0 saves the model, the RNG states and the meta. `meta` must hold
     "model_config" (checkpoint_manager.save_checkpoint's contract).
     """
-    import torch.distributed as dist
-    from nanochat.checkpoint_manager import capture_rng_state, save_checkpoint
-    from nanochat.common import get_dist_info
     ddp, rank, _, world_size = get_dist_info()
     loader_states = [None] * world_size
     if ddp:
@@ -147,8 +152,6 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
         ValueError: the checkpoint was written by a different number of processes, or its
             model does not fit `model` (the message names both shapes).
     """
-    from nanochat.checkpoint_manager import find_last_step, load_checkpoint, restore_rng_state
-    from nanochat.common import get_dist_info, print0
     _, rank, _, world_size = get_dist_info()
     if step is None:
         step = find_last_step(checkpoint_dir)
@@ -199,8 +202,6 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
     micro-batches report the same number. Gradients are averaged across processes by the
     distributed optimizers (the model is not wrapped in DDP).
     """
-    import torch
-    import torch.distributed as dist
     device = next(model.parameters()).device
     train_loss = torch.zeros((), device=device)
     for _ in range(grad_accum_steps):
@@ -232,7 +233,6 @@ class StageClock:
     """
 
     def __init__(self, loop_state, device_index=0):
-        from nanochat.energy import EnergyMeter
         self.loop_state = loop_state
         loop_state.setdefault("wall_time_s", 0.0)
         loop_state.setdefault("energy_wh", 0.0)
@@ -251,7 +251,6 @@ class StageClock:
 
     def report_items(self):
         """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report."""
-        from nanochat.energy import energy_for_report
         self.update()
         wh = self.meter.stop()
         return {"wall time (s)": round(self.loop_state["wall_time_s"], 1),
