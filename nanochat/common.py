@@ -1,12 +1,16 @@
 """
 Small shared utilities: the base directory, rank-0 printing, device/dtype autodetection,
-torchrun (DDP) init/cleanup, the GPU peak-FLOPS table used for MFU, and the flag parser.
+torchrun (DDP) init/cleanup, the GPU peak-FLOPS table used for MFU, unified-memory detection,
+the flag parser, atomic file writes, the duration formatter and the Hub reachability check.
 
 Not for: anything model- or stage-specific (that lives in its own module).
 """
 
 import argparse
 import os
+import tempfile
+import urllib.error
+import urllib.request
 
 import torch
 import torch.distributed as dist
@@ -178,3 +182,106 @@ def init_wandb(run, project, config, rank=0):
     except Exception as e:  # wandb raises several unrelated types for login/network problems
         raise RuntimeError(f"wandb could not start run {run!r} ({e}); run `wandb login` first, set WANDB_MODE=offline, "
                            "or pass --run dummy to train without wandb") from e
+
+
+def atomic_write(path, data):
+    """Write `path` so that a reader (or a crash) sees the old file or the complete new one, never half.
+
+    data: bytes, str (written as UTF-8), or a callable write(f) that writes to a binary file
+    object (e.g. `lambda f: torch.save(obj, f)`). The new content goes to a temporary file in
+    the same directory, is fsynced, renamed onto `path`, and the directory is fsynced (so the
+    rename survives a power cut). Parent directories are created. On an exception the
+    temporary file is removed; after a SIGKILL it stays behind as .<name>.<random>.tmp, which
+    nothing reads.
+    """
+    path = os.path.abspath(path)
+    dir_path = os.path.dirname(path)
+    os.makedirs(dir_path, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=dir_path, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    dir_fd = os.open(dir_path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def format_duration(seconds):
+    """Seconds -> '3d04h05m', '3h25m45s', '12m05s', '7s'; '?' for None. Negative counts as 0."""
+    if seconds is None:
+        return "?"
+    seconds = int(max(seconds, 0))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def hub_reachable(timeout=3.0):
+    """True if the Hugging Face Hub ($HF_ENDPOINT, default https://huggingface.co) answers within
+    `timeout` seconds, with any HTTP status. The one check every stage and script uses to pick
+    online or offline data.
+
+    False without asking when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to 1.
+    `python -m nanochat.common hub` prints online or offline (for the shell scripts).
+    """
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    url = os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/") + "/api/datasets/openai/gsm8k"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # the server answered, even if with an error status
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def is_unified_memory(device_name, integrated):
+    """True for GPUs that share the system's memory (DGX Spark's GB10, Jetson): the CUDA
+    driver reports `integrated` for them, and GB10 is also recognised by name in case a
+    driver does not. On those, cudaMemGetInfo leaves out memory the OS could reclaim from its
+    page cache, so the system total (psutil) is the memory a run can use
+    (https://github.com/vllm-project/vllm/issues/35313,
+    https://github.com/ggml-org/llama.cpp/pull/17368)."""
+    return bool(integrated) or "GB10" in device_name
+
+
+def gpu_memory_bytes(device_index=0):
+    """(bytes, unified) for CUDA device `device_index`: the memory a run can use (the system
+    total on unified-memory GPUs, see is_unified_memory) and whether it is unified.
+
+    Raises:
+        RuntimeError: torch sees no CUDA GPU.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU")
+    import psutil
+    props = torch.cuda.get_device_properties(device_index)
+    unified = is_unified_memory(props.name, getattr(props, "is_integrated", False))
+    return (psutil.virtual_memory().total if unified else props.total_memory), unified
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["hub"]:
+        print("online" if hub_reachable() else "offline")
+    else:
+        sys.exit("usage: python -m nanochat.common hub   (prints online or offline)")
