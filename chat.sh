@@ -42,13 +42,9 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-cd "$(dirname "${BASH_SOURCE[0]}")"
-if [ -f .nanochat_env ]; then
-    # shellcheck disable=SC1091  # written by setup.sh on GPU machines; optional
-    source .nanochat_env
-fi
-[ -x .venv/bin/python ] || { echo "chat.sh: no .venv here; run ./setup.sh first" >&2; exit 1; }
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+enter_env  # repo root, base dir, .nanochat_env, the venv ($py)
 
 shown_host="$host"
 if [ "$host" = 0.0.0.0 ]; then
@@ -56,4 +52,4 @@ if [ "$host" = 0.0.0.0 ]; then
     shown_host="${shown_host:-localhost}"
 fi
 echo "[chat] models from $NANOCHAT_BASE_DIR; once the model is loaded, open http://$shown_host:$port/"
-exec .venv/bin/python -m scripts.chat_web --host "$host" --port "$port" "${flags[@]}"
+exec "$py" -m scripts.chat_web --host "$host" --port "$port" "${flags[@]}"

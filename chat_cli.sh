@@ -39,11 +39,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-cd "$(dirname "${BASH_SOURCE[0]}")"
-if [ -f .nanochat_env ]; then
-    # shellcheck disable=SC1091  # written by setup.sh on GPU machines; optional
-    source .nanochat_env
-fi
-[ -x .venv/bin/python ] || { echo "chat_cli.sh: no .venv here; run ./setup.sh first" >&2; exit 1; }
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-exec .venv/bin/python -m scripts.chat_cli "${flags[@]}"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+enter_env  # repo root, base dir, .nanochat_env, the venv ($py)
+exec "$py" -m scripts.chat_cli "${flags[@]}"

@@ -1,12 +1,3 @@
 #!/usr/bin/env bash
-# rl.sh: Reinforcement learning on math (chat_rl, chat_eval rl), one stage of speedrun_dgx.sh.
-# Resumes from the stage's last checkpoint when it was interrupted.
-set -euo pipefail
-
-# shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-usage() { stage_usage; }
-parse_flags "$@"
-setup_env
-rerun=1  # run explicitly: redo the stage even if an earlier run finished it
-stage_rl
+# rl.sh: Reinforcement learning (chat_rl, chat_eval -i rl): one stage of speedrun_dgx.sh, with its flags (--help); resumes an interrupted run.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/speedrun_dgx.sh" --only rl "$@"

@@ -3,6 +3,7 @@
 #   - installs uv (from PyPI) if it is missing
 #   - creates .venv with `uv sync` (which also compiles the rustbpe extension with cargo)
 #   - checks the GPU (bf16, torch.compile; on a GB10 the CUDA 13 ptxas) and writes .nanochat_env
+#   - installs the Debian packages the chat tasks read (dev/apt_packages.txt: the word list, WordNet)
 #   - with --offline-data: installs the Debian text packages and builds the offline corpus
 # It never edits your shell start-up files.
 set -euo pipefail
@@ -12,8 +13,11 @@ usage() {
 Usage: ./setup.sh [--offline-data] [--help]
 
   --offline-data   also apt-get install the Debian text packages listed in
-                   dev/offline_packages.txt (needs root or sudo) and build the offline
-                   pretraining corpus into $NANOCHAT_BASE_DIR/base_data
+                   dev/offline_packages.txt and build the offline pretraining corpus
+                   into $NANOCHAT_BASE_DIR/base_data
+
+Debian packages are installed with apt-get (through sudo when you are not root) only when
+missing: dev/apt_packages.txt always, dev/offline_packages.txt with --offline-data.
   --help           show this message
 
 Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) is where data and checkpoints go.
@@ -59,19 +63,37 @@ uv sync --quiet
 # 4. the accelerator: versions, a bf16 matmul and a compiled kernel; GPU settings -> .nanochat_env
 .venv/bin/python dev/check_accelerator.py .nanochat_env
 
-# 5. optional: the offline corpus from Debian packages
-if [ "$offline_data" = 1 ]; then
-    mapfile -t pkgs < <(grep -v -e '^#' -e '^$' dev/offline_packages.txt)
-    missing=()
-    for p in "${pkgs[@]}"; do
+# 5. Debian packages, installed only when missing: what the chat tasks read, and with
+#    --offline-data the text packages of the offline corpus
+apt_install_missing() {
+    local p missing=()
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
-    if [ ${#missing[@]} -gt 0 ]; then
-        sudo=""
-        [ "$(id -u)" -ne 0 ] && sudo="sudo"
-        echo "[setup] apt-get install ${missing[*]}"
-        $sudo apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if ! command -v sudo >/dev/null 2>&1; then
+            echo "[setup] missing Debian packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
+            exit 1
+        fi
+        sudo="sudo"
     fi
-    .venv/bin/python -m nanochat.dataset --offline
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] missing packages ${missing[*]} and no apt-get here: install their files with your system's" \
+             "package manager (a word list at /usr/share/dict/words, WordNet 3.0 at /usr/share/wordnet)" >&2
+        exit 1
+    fi
+    echo "[setup] apt-get install ${missing[*]}"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+packages() { grep -v -e '^#' -e '^$' "$1"; }
+
+mapfile -t pkgs < <(packages dev/apt_packages.txt)
+apt_install_missing "${pkgs[@]}"
+if [ "$offline_data" = 1 ]; then
+    mapfile -t pkgs < <(packages dev/offline_packages.txt)
+    apt_install_missing "${pkgs[@]}"
+    .venv/bin/python -m nanochat.offline_corpus
 fi

@@ -3,16 +3,30 @@
 # evaluations and a report card, on one GPU (DGX Spark / H100), several (--nproc), or a CPU
 # (--tiny). Launch it inside tmux or screen: the full run takes days on one GPU.
 # Re-running after an interruption skips the stages that finished and resumes the one that
-# was interrupted from its last checkpoint.
+# was interrupted from its last checkpoint. pretrain.sh, midtrain.sh, sft.sh and rl.sh are
+# this script with --only STAGE.
 set -euo pipefail
 
 usage() {
-    cat <<USAGE
-Usage: bash speedrun_dgx.sh [flags]
-$COMMON_USAGE
+    cat <<'USAGE'
+Usage: bash speedrun_dgx.sh [flags] [-- extra args for every stage's python script]
+
+  --depth N               model depth (default: 20, or the preset's; width = 64 x depth)
+  --device-batch-size N   sequences per forward pass (default: chosen for the GPU memory)
+  --run NAME              wandb run name (default: dummy = no wandb)
+  --data online|offline   Hub datasets or data built on this machine (default: online if
+                          huggingface.co answers, else offline)
+  --nproc N               processes (GPUs) for torchrun (default 1)
+  --tiny                  CPU preset: offline corpus, vocab 8192, d4, seq 512, short stages (~15 min)
+  --smoke                 shorter CPU preset used by CI (~5 min): d2, seq 256, a few steps per stage
+                          (a preset fills defaults, your flags win: --tiny --depth 8 trains a d8)
+  --only STAGE            run one stage again (data, tokenizer, pretrain, midtrain, sft, rl), even if
+                          it finished before; pretrain.sh, midtrain.sh, sft.sh, rl.sh do this
   --skip-rl               stop after SFT
   --num-shards N          FineWeb-EDU shards to download when online (default 240, ~24 GB)
   --price-per-kwh X       electricity price for the cost line of the report card
+  -- ARGS...              extra arguments for every stage's python script (e.g. -- --num-iterations 5)
+  --help                  show this message
 
 Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds data, checkpoints, logs, report.
 USAGE
@@ -28,11 +42,24 @@ setup_env
 log="$logs/speedrun_$(date +%Y%m%d_%H%M%S).log"
 exec > >(tee -a "$log") 2>&1
 
-# The plan
+# The plan (the same run_shape that base_train sizes itself with)
 echo "nanochat-spark speedrun | preset $preset | data $data | model $model_tag | seq $seq_len | device batch $device_batch_size | processes $nproc"
 echo "base dir: $NANOCHAT_BASE_DIR | log: $log"
-"$py" -m scripts.plan --depth "$depth" --max-seq-len "$seq_len" --vocab-size "$vocab_size" \
-    --total-batch-size "$total_batch_size" --preset "$preset" --nproc "$nproc" -- "${base_args[@]}"
+"$py" -m scripts.plan "${plan[@]}"
+
+# One stage again, on its own (the stage scripts)
+if [ -n "$only" ]; then
+    rerun=1
+    case "$only" in
+        data) stage_data ;;
+        tokenizer) stage_tokenizer ;;
+        pretrain) stage_pretrain ;;
+        midtrain) stage_midtrain ;;
+        sft) stage_sft ;;
+        rl) stage_rl ;;
+    esac
+    exit 0
+fi
 
 # Report: a new run starts a new report card (a resumed run keeps it)
 if [ ! -f "$logs/report_reset.done" ]; then
@@ -41,18 +68,8 @@ if [ ! -f "$logs/report_reset.done" ]; then
     touch "$logs/report_reset.done"
 fi
 
-# Data
-if [ "$data" = online ]; then
-    run_stage data "$py" -m nanochat.dataset -n "$num_shards"
-else
-    run_stage data ./setup.sh --offline-data
-fi
-
-# Tokenizer
-run_stage tok_train "$py" -m scripts.tok_train --vocab-size "$vocab_size" "${tok_args[@]}"
-run_stage tok_eval "$py" -m scripts.tok_eval
-
-# Pretraining, midtraining, SFT, RL (each with its evaluations)
+stage_data
+stage_tokenizer
 stage_pretrain
 stage_midtrain
 stage_sft

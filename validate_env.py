@@ -33,10 +33,7 @@ REQUIRED_PACKAGES = ["torch", "rustbpe", "tiktoken", "fastapi", "uvicorn", "pyar
 # module -> what is lost without it (the pipeline runs either way)
 OPTIONAL_PACKAGES = {"matplotlib": "the report's loss plots", "pynvml": "the report's GPU energy (nvidia-ml-py)"}
 
-# Run shape, as scripts/base_train.py's defaults
-SEQUENCE_LEN = 2048
-TOTAL_BATCH_SIZE = 524288  # tokens per optimizer step
-TOKENS_PER_PARAM = 20  # Chinchilla
+# The run's shape (model size, batch, steps) comes from nanochat/run_shape.py, as for base_train.
 BASE_SAVE_EVERY = 1000  # base_train --save-every
 BASE_KEEP_CHECKPOINTS = 3  # base_train --keep-checkpoints: older base checkpoints are deleted
 # Pretraining data, from upstream's speedrun.sh (https://github.com/karpathy/nanochat/blob/master/speedrun.sh):
@@ -48,7 +45,6 @@ SHARD_BYTES = 100e6
 # mid and SFT run ~800 steps at --save-every 500 (2 each); RL one pass over GSM8K's 7,473
 # problems at 16 per step is 467 steps at --save-every 60 (8).
 CHAT_CHECKPOINTS = 12
-ASSUMED_MFU = 0.40  # for the wall-time estimate only; bench/RESULTS.md has measured MFUs
 
 PTXAS_RELEASE = re.compile(r"release (\d+)\.(\d+)")
 # Compiled and run in a child process, so a Triton crash or hang cannot take this script down.
@@ -258,52 +254,46 @@ def check_wandb(api_key, netrc_path):
                  "`wandb login` to track runs in Weights & Biases, then pass --run <name>")
 
 
-def check_batch(device_batch_size):
-    tokens = device_batch_size * SEQUENCE_LEN
-    if device_batch_size > 0 and TOTAL_BATCH_SIZE % tokens == 0:
-        return Check("batch", "PASS", f"--device-batch-size {device_batch_size} x {SEQUENCE_LEN} tokens, "
-                     f"{TOTAL_BATCH_SIZE // tokens} gradient accumulation steps per {TOTAL_BATCH_SIZE:,}-token step")
-    return Check("batch", "FAIL", f"{device_batch_size} x {SEQUENCE_LEN} tokens does not divide the "
-                 f"{TOTAL_BATCH_SIZE:,}-token step", "pick a power of two for --device-batch-size (1 ... 256)")
+def check_batch(shape, error):
+    """`shape`: the run's RunShape, or None when run_shape raised `error` for the batch flags."""
+    if error is not None:
+        return Check("batch", "FAIL", str(error), "pick a power of two for --device-batch-size (1 ... 256), or leave "
+                     "it out: the run picks one that fits the GPU")
+    return Check("batch", "PASS", f"--device-batch-size {shape.device_batch_size} x {shape.max_seq_len} tokens, "
+                 f"{shape.grad_accum_steps} gradient accumulation steps per {shape.total_batch_size:,}-token step")
 
 
 # -----------------------------------------------------------------------------
 # The run's size
 
-def model_size(depth):
-    """(parameters, training FLOPs per token, bytes of fp32 weights + gradients + optimizer
-    state, bytes of optimizer state) of the d`depth` GPT, built on the meta device (no memory,
-    no init).
-
-    Optimizer state: AdamW keeps two fp32 moments for the embedding and lm_head, Muon one fp32
-    momentum buffer for every other matrix (nanochat/adamw.py, nanochat/muon.py).
-    """
-    import torch
-    from nanochat.gpt import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth, sequence_len=SEQUENCE_LEN))
-    params = model.num_scaling_params()
-    adamw = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
-    optimizer_bytes = 8 * adamw + 4 * (params - adamw)
-    return params, model.estimate_flops(), 4 * params + 4 * params + optimizer_bytes, optimizer_bytes
-
-
-def estimate_wall_time(total_flops, device_name, mfu=ASSUMED_MFU):
-    """Seconds to do `total_flops` at `mfu` of the GPU's bf16 peak, or None (CPU, unknown GPU)."""
+def estimate_wall_time(total_flops, device_name):
+    """Seconds to do `total_flops` at run_shape's assumed MFU of the GPU's bf16 peak, or None (CPU, unknown GPU)."""
     from nanochat.common import get_peak_flops
-    peak = get_peak_flops(device_name) if device_name else None
-    return None if peak is None else total_flops / (peak * mfu)
+    from nanochat.run_shape import estimate_seconds
+    return estimate_seconds(total_flops, get_peak_flops(device_name) if device_name else None)
+
+
+def resolve_shape(depth, device_batch_size, gpu):
+    """The d`depth` GPU-recipe run on this machine, from nanochat.run_shape (as base_train sizes it):
+    (RunShape, None), or (the shape without the user's device batch, RunShapeError) when
+    --device-batch-size does not fit the step. `gpu`: report.gpu_info()'s dict or None."""
+    from nanochat.run_shape import RunShapeError, run_shape
+    where = dict(device_type="cuda" if gpu else "cpu", gpu_memory_gib=gpu["memory_bytes"] / 2**30 if gpu else None)
+    try:
+        return run_shape("gpu", **where, depth=depth, device_batch_size=device_batch_size), None
+    except RunShapeError as e:
+        return run_shape("gpu", **where, depth=depth), e
 
 
 def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, save_every=BASE_SAVE_EVERY,
-                  keep=BASE_KEEP_CHECKPOINTS):
+                  keep=BASE_KEEP_CHECKPOINTS, total_batch_size=524288):
     """Bytes a run still writes: the shards not yet downloaded (none when `download` is False:
     offline, the corpus is what it is) and every checkpoint (fp32 model state dict + optimizer
     state; base_train saves one per `save_every` steps and keeps the last `keep`, so at most
     keep + 1 exist while a new one is written; the chat stages CHAT_CHECKPOINTS). Returns (bytes, a one-line breakdown, shards the pretraining reads)."""
     shards = math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD) + 1  # + the validation shard
     to_download = max(shards - shards_present, 0) if download else 0
-    steps = math.ceil(tokens / TOTAL_BATCH_SIZE)
+    steps = math.ceil(tokens / total_batch_size)
     checkpoints = min(math.ceil(steps / save_every), keep + 1) + CHAT_CHECKPOINTS
     checkpoint_bytes = 4 * params + optimizer_bytes
     need = to_download * SHARD_BYTES + checkpoints * checkpoint_bytes
@@ -312,24 +302,8 @@ def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, sav
     return need, detail, shards
 
 
-def format_duration(seconds):
-    days, rem = divmod(int(seconds), 86400)
-    hours, rem = divmod(rem, 3600)
-    return f"{days}d {hours}h {rem // 60}m" if days else f"{hours}h {rem // 60}m"
-
-
 # -----------------------------------------------------------------------------
 # Gathering the facts on this machine
-
-def hub_reachable():
-    """True when https://huggingface.co answers within 3 seconds (any HTTP status)."""
-    try:
-        import requests
-        requests.head("https://huggingface.co", timeout=3)
-        return True
-    except Exception:  # no requests, DNS, refused, timeout, proxy: all mean "not reachable"
-        return False
-
 
 def compile_probe_error():
     """None when a tiny torch.compile'd function runs on the GPU, else the error text."""
@@ -367,45 +341,49 @@ def run_checks(depth, device_batch_size):
     try:
         import psutil
         import torch
+        from nanochat.common import hub_reachable
+        from nanochat.run_shape import ASSUMED_MFU
         from nanochat.report import gpu_info
     except Exception as e:  # the packages row already says what is broken
         reason = f"needs torch, psutil and nanochat ({type(e).__name__}: {e})"
         checks += [Check(name, "SKIP", reason) for name in
                    ("GPU", "compute capability", "memory", "torch CUDA build", "bf16", "Triton/ptxas", "disk")]
-        checks += [check_data(hub_reachable(), shards_present, 2, data_dir),
-                   check_wandb(os.environ.get("WANDB_API_KEY"), os.path.expanduser("~/.netrc")),
-                   check_batch(device_batch_size)]
+        checks += [Check(name, "SKIP", reason) for name in ("data", "wandb", "batch")]
         return checks, {"depth": depth, "error": reason}
 
     gpu = gpu_info()
-    params, flops_per_token, state_bytes, optimizer_bytes = model_size(depth)
-    tokens = TOKENS_PER_PARAM * params
-    total_flops = flops_per_token * tokens
+    shape, batch_error = resolve_shape(depth, device_batch_size, gpu)
+    params, tokens, total_flops = shape.num_params, shape.tokens, shape.training_flops
     online = hub_reachable()
-    disk_need, disk_detail, shards_needed = estimate_disk(params, optimizer_bytes, tokens, shards_present, online)
+    disk_need, disk_detail, shards_needed = estimate_disk(params, shape.optimizer_bytes, tokens, shards_present, online,
+                                                          total_batch_size=shape.total_batch_size)
     disk_path = existing_ancestor(base_dir())
     ptxas_path = os.environ.get("TRITON_PTXAS_PATH") or None
     compile_error = compile_probe_error() if gpu else None
     checks += [
         check_gpu(gpu),
         check_capability(gpu),
-        check_memory(gpu, psutil.virtual_memory().total, state_bytes, depth, device_batch_size),
+        check_memory(gpu, psutil.virtual_memory().total, shape.state_bytes, depth, shape.device_batch_size),
         check_torch_cuda(torch.version.cuda, gpu, torch.cuda.get_arch_list() if gpu else []),
         check_bf16(gpu, gpu is not None and torch.cuda.is_bf16_supported()),
         check_triton(gpu, compile_error, ptxas_path, ptxas_release(ptxas_path) if compile_error and ptxas_path else None),
         check_disk(shutil.disk_usage(disk_path).free, disk_need, disk_path, disk_detail),
         check_data(online, shards_present, shards_needed, data_dir),
         check_wandb(os.environ.get("WANDB_API_KEY"), os.path.expanduser("~/.netrc")),
-        check_batch(device_batch_size),
+        check_batch(shape, batch_error),
     ]
     wall_s = estimate_wall_time(total_flops, gpu["name"] if gpu else None)
-    plan = {"depth": depth, "parameters": params, "tokens": tokens, "flops_per_token": flops_per_token,
+    plan = {"depth": depth, "parameters": params, "tokens": tokens, "flops_per_token": shape.flops_per_token,
             "training_flops": total_flops, "gpu": gpu["name"] if gpu else None, "assumed_mfu": ASSUMED_MFU,
+            "tokens_per_parameter": tokens / params, "steps": shape.num_iterations,
+            "device_batch_size": shape.device_batch_size,
             "estimated_wall_time_s": wall_s, "disk_bytes": disk_need, "shards_needed": shards_needed}
     return checks, plan
 
 
 def print_table(checks, plan):
+    from nanochat.common import format_duration
+    from nanochat.run_shape import ASSUMED_MFU
     width = max(len(c.name) for c in checks)
     print(f"{'check':<{width}}  status  reason")
     for c in checks:
@@ -420,15 +398,16 @@ def print_table(checks, plan):
     wall_text = "n/a (no CUDA GPU, or a GPU without a known bf16 peak)" if wall is None else (
         f"{format_duration(wall)} (estimate: pretraining only, at an assumed {ASSUMED_MFU:.0%} MFU on {plan['gpu']})")
     print(f"d{plan['depth']} run: {plan['parameters']:,} parameters, {plan['tokens']:,} tokens "
-          f"({TOKENS_PER_PARAM} per parameter), {plan['training_flops']:.2e} training FLOPs")
+          f"({plan['tokens_per_parameter']:.0f} per parameter, {plan['steps']:,} steps), "
+          f"{plan['training_flops']:.2e} training FLOPs")
     print(f"estimated pretraining wall time: {wall_text}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check this machine for a nanochat-spark run")
     parser.add_argument("--depth", type=int, default=20, help="model depth of the planned run (default 20)")
-    parser.add_argument("--device-batch-size", "--device_batch_size", type=int, default=32,
-                        help="sequences per forward pass (default 32, base_train's)")
+    parser.add_argument("--device-batch-size", "--device_batch_size", type=int, default=None,
+                        help="sequences per forward pass (default: what base_train picks for this GPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     if args.depth < 1:

@@ -1,68 +1,102 @@
 """
-Print the plan of a speedrun before it starts: model size, tokens, FLOPs and an estimated
-wall time for pretraining on this machine. Called by speedrun_dgx.sh; runs in seconds.
+The plan of a run, from nanochat.run_shape (the same function base_train sizes itself with):
+model size, batch, steps, tokens, FLOPs, memory and an estimated pretraining time. Runs in
+seconds. speedrun_dgx.sh and the stage scripts call it twice: with --shell for their variables
+(the shell layer computes nothing itself), and without to print the plan.
 
     python -m scripts.plan --depth 20
-    python -m scripts.plan --depth 4 --max-seq-len 512 --vocab-size 8192 --total-batch-size 8192 -- --num-iterations 24
+    python -m scripts.plan --preset tiny --depth 8 -- --num-iterations 5
+    python -m scripts.plan --preset tiny --shell          # bash assignments: depth=4 ... base_args=(...)
+
+Arguments after `--` are the extra arguments the user passes to every stage; base_train's shape
+flags among them (--num-iterations, --max-seq-len, --total-batch-size, ...) change the plan
+exactly as they change base_train.
 
 The time is an estimate, labelled as one: on a GPU, peak bf16 FLOP/s x an assumed 40% MFU
 (upstream nanochat measures ~40-50% on H100); on a CPU, a measured fp32 matmul rate x an
-assumed 40% (measured: a d4 model reaches ~40% of it on a 2-core CPU). Each stage prints its measured
+assumed 40% (a d4 model reaches ~40% of it on a 2-core CPU). Each stage prints its measured
 speed and ETA once it runs.
 """
 
 import argparse
-import time
+import shlex
+import sys
 
 import torch
 
-from nanochat.common import ArgumentParser, get_peak_flops
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.training import format_duration
+from nanochat.common import ArgumentParser, autodetect_device_type, format_duration, get_peak_flops, hub_reachable
+from nanochat.run_shape import PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds, run_shape, shape_flags
 
-parser = ArgumentParser(description="Print the speedrun plan with estimated times")
-parser.add_argument("--depth", type=int, default=20)
-parser.add_argument("--max-seq-len", type=int, default=2048)
-parser.add_argument("--vocab-size", type=int, default=65536)
-parser.add_argument("--total-batch-size", type=int, default=524288)
-parser.add_argument("--nproc", type=int, default=1)
-parser.add_argument("--preset", default="gpu")
-parser.add_argument("base_args", nargs=argparse.REMAINDER, help="-- the base_train arguments of the preset")
+parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
+parser.add_argument("--preset", default="gpu", choices=list(PRESETS))
+parser.add_argument("--depth", type=int, default=None, help="default: the preset's")
+parser.add_argument("--device-batch-size", type=int, default=None, help="default: the preset's, or what fits the GPU")
+parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs)")
+parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"])
+parser.add_argument("--shell", action="store_true", help="print bash variable assignments instead of the plan")
+parser.add_argument("extra_args", nargs=argparse.REMAINDER, help="-- the extra arguments of every stage")
 args = parser.parse_args()
 
-# Model size and pretraining horizon (the same formulas as base_train)
-with torch.device("meta"):
-    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len))
-num_params = model.num_scaling_params()
-flops_per_token = model.estimate_flops()
-base_args = [a for a in args.base_args if a != "--"]
-if "--num-iterations" in base_args:
-    steps = int(base_args[base_args.index("--num-iterations") + 1])
-else:
-    steps = int(20 * num_params) // args.total_batch_size
-tokens = steps * args.total_batch_size
-flops = flops_per_token * tokens
+# base_train's shape flags among the extra arguments (the same names and parser as base_train's)
+shape_parser = ArgumentParser(add_help=False)
+for name in ("max-seq-len", "device-batch-size", "total-batch-size", "num-iterations", "eval-every", "eval-tokens",
+             "sample-every", "save-every", "core-metric-every", "depth"):
+    shape_parser.add_argument(f"--{name}", type=int, default=None)
+for name in ("target-flops", "target-param-data-ratio"):
+    shape_parser.add_argument(f"--{name}", type=float, default=None)
+extra_args = args.extra_args[1:] if args.extra_args[:1] == ["--"] else args.extra_args
+extra, _ = shape_parser.parse_known_args(extra_args)
+flags = {k: v for k, v in shape_flags(extra).items() if v is not None}
+flags.setdefault("depth", args.depth)
+flags.setdefault("device_batch_size", args.device_batch_size)
+
+device_type = autodetect_device_type()
+data = args.data
+preset_data = PRESETS[args.preset]["data"]
+if preset_data and data not in ("auto", preset_data):
+    sys.exit(f"plan: --{args.preset} builds its data on this machine; it cannot run with --data {data} "
+             f"(drop --{args.preset} for a {data} run)")
+try:
+    shape = run_shape(args.preset, device_type, world_size=args.nproc, **flags)
+except RunShapeError as e:
+    sys.exit(f"plan: {e}")
+if data == "auto":
+    data = preset_data or ("online" if hub_reachable() else "offline")
+
+if args.shell:
+    def assign(name, value):
+        if isinstance(value, list):
+            print(f"{name}=({' '.join(shlex.quote(v) for v in value)})")
+        else:
+            print(f"{name}={shlex.quote(str(value))}")
+    # base_train gets the preset and the resolved device batch; it resolves the rest with run_shape itself
+    base_args = ["--preset", args.preset, "--depth", str(shape.depth), "--device-batch-size", str(shape.device_batch_size)]
+    for name, value in [("depth", shape.depth), ("model_tag", shape.model_tag), ("seq_len", shape.max_seq_len),
+                        ("vocab_size", shape.vocab_size), ("device_batch_size", shape.device_batch_size),
+                        ("total_batch_size", shape.total_batch_size), ("data", data), ("base_args", base_args),
+                        *[(f"{stage}_args", shape.stage_args[stage]) for stage in shape.stage_args]]:
+        assign(name, value)
+    sys.exit(0)
 
 # Achievable FLOP/s on this machine (estimate)
-if torch.cuda.is_available():
+if device_type == "cuda":
     name = torch.cuda.get_device_name()
     peak = get_peak_flops(name)
-    rate = peak * 0.40 * args.nproc if peak else None
+    seconds = estimate_seconds(shape.training_flops, peak * args.nproc if peak else None)
     basis = f"{name}: peak x 40% MFU (assumed)" if peak else f"{name}: peak FLOP/s unknown, no estimate"
 else:
-    a = torch.randn(1024, 1024)
-    a @ a  # warm up
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    matmul_rate = 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
-    rate = matmul_rate * 0.40
-    basis = f"CPU: measured fp32 matmul {matmul_rate / 1e9:.0f} GFLOP/s x 40% (assumed)"
+    rate = cpu_matmul_flops()
+    seconds = estimate_seconds(shape.training_flops, rate)
+    basis = f"CPU: measured fp32 matmul {rate / 1e9:.0f} GFLOP/s x 40% (assumed)"
 
-print(f"plan | model d{args.depth}: {num_params:,} parameters, {flops_per_token:.3e} FLOPs per token")
-print(f"plan | pretraining: {steps:,} steps x {args.total_batch_size:,} tokens = {tokens:,} tokens "
-      f"({tokens / num_params:.2f} per parameter), {flops:.3e} FLOPs")
-eta = format_duration(flops / rate) if rate else "n/a"
+print(f"plan | model {shape.model_tag}: {shape.num_params:,} parameters, {shape.flops_per_token:.3e} FLOPs per token, "
+      f"vocab {shape.vocab_size:,}, context {shape.max_seq_len}")
+print(f"plan | batch: {shape.total_batch_size:,} tokens per step = {shape.device_batch_size} x {shape.max_seq_len} x "
+      f"{shape.world_size} processes x {shape.grad_accum_steps} accumulation steps")
+print(f"plan | pretraining ({shape.horizon}): {shape.num_iterations:,} steps x {shape.total_batch_size:,} tokens = "
+      f"{shape.tokens:,} tokens ({shape.tokens / shape.num_params:.2f} per parameter), {shape.training_flops:.3e} FLOPs")
+print(f"plan | memory: {shape.state_bytes / 2**30:.2f} GiB for weights, gradients and optimizer state, plus activations")
+eta = format_duration(seconds) if seconds else "n/a"
 print(f"plan | estimated pretraining time: {eta} ({basis}); midtraining, SFT and RL are "
       f"{'a few minutes each' if args.preset != 'gpu' else 'a few percent of it each'}; "
       "every stage prints its measured speed and ETA as it runs")

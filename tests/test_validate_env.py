@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import validate_env as ve
+from nanochat.run_shape import model_size
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_NAMES = ["OS/arch", "Python", "venv", "packages", "optional packages", "GPU", "compute capability", "memory",
@@ -27,7 +28,7 @@ def test_wall_time_estimate_needs_a_known_gpu():
 
 
 def test_d20_size_and_gb10_estimate():
-    params, flops_per_token, state_bytes, optimizer_bytes = ve.model_size(20)
+    params, flops_per_token, state_bytes, optimizer_bytes = model_size(20, 65536, 2048)
     assert params == 560_988_160  # upstream's "d20 is 561M parameters"
     adamw = 2 * 65536 * 1280  # wte + lm_head
     assert optimizer_bytes == 8 * adamw + 4 * (params - adamw)
@@ -130,8 +131,11 @@ def test_data_wandb_batch(tmp_path):
     netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
     assert ve.check_wandb("", str(netrc)).status == "PASS"
     assert ve.check_wandb("key", "/nope").status == "PASS"
-    assert ve.check_batch(32).status == "PASS" and "8 gradient accumulation steps" in ve.check_batch(32).reason
-    assert ve.check_batch(24).status == "FAIL"
+    batch = ve.check_batch(*ve.resolve_shape(20, 32, H100))
+    assert batch.status == "PASS" and "8 gradient accumulation steps" in batch.reason
+    assert ve.check_batch(*ve.resolve_shape(20, 24, H100)).status == "FAIL"
+    auto = ve.check_batch(*ve.resolve_shape(20, None, H100))  # left out: what fits 80 GB, as base_train picks
+    assert auto.status == "PASS" and "--device-batch-size 32 " in auto.reason
 
 
 def run_script(tmp_path, *args):

@@ -1,0 +1,280 @@
+"""
+The shape of a run: the one function that turns a preset, the depth and the user's flags into
+the model size, the batch (device batch size, total batch size, gradient accumulation), the
+pretraining horizon, the evaluation budget, the other stages' arguments, and the memory and
+time estimates.
+
+Everything that needs a run's shape asks `run_shape()`: scripts/base_train.py (its defaults),
+scripts/plan.py (the plan speedrun_dgx.sh prints, and the variables of the shell layer, which
+computes nothing itself), and validate_env.py. So the plan printed before a run is the run.
+
+Presets fill defaults and never override what the user said: `--tiny --depth 8` trains a d8.
+A combination that cannot work raises RunShapeError naming the flags in conflict.
+
+Not for: running anything (no data, no tokenizer, no GPU work beyond reading its properties).
+"""
+
+from dataclasses import dataclass, field
+
+# Upstream nanochat's d20 speedrun (https://github.com/karpathy/nanochat, speedrun.sh and
+# scripts/base_train.py, late 2025): seq 2048, 524,288 tokens per step, 20 tokens per parameter.
+GPU_DEFAULTS = dict(depth=20, vocab_size=65536, max_seq_len=2048, total_batch_size=524288, device_batch_size=None,
+                    num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0,
+                    eval_every=250, eval_tokens=20 * 524288, sample_every=2000, save_every=1000,
+                    core_metric_every=2000)
+
+# The CPU presets: every stage's real code path, in minutes. `data` offline: they build their
+# corpus and chat tasks on this machine. The per-stage dicts are flags of those stages' scripts.
+PRESETS = {
+    "gpu": dict(base=GPU_DEFAULTS, data=None, tok={}, loss={}, mid={}, sft={}, rl={}, eval={}),
+    "tiny": dict(
+        data="offline",
+        base=dict(GPU_DEFAULTS, depth=4, vocab_size=8192, max_seq_len=512, total_batch_size=8192, device_batch_size=8,
+                  num_iterations=24, eval_every=12, eval_tokens=16384, sample_every=24, save_every=8,
+                  core_metric_every=-1),
+        tok={},
+        loss={"split-tokens": 16384},
+        mid={"num-iterations": 12, "eval-every": 6, "eval-tokens": 16384, "save-every": 6},
+        sft={"device-batch-size": 4, "target-examples-per-step": 16, "num-iterations": 10, "eval-every": 5,
+             "eval-steps": 8, "eval-metrics-every": -1, "save-every": 5, "init-lr-frac": 0.5},
+        rl={"num-iterations": 6, "examples-per-step": 4, "num-samples": 4, "device-batch-size": 8,
+            "max-new-tokens": 64, "eval-every": 6, "eval-examples": 16, "eval-samples": 2, "save-every": 3},
+        eval={"max-problems": 20, "max-new-tokens": 64},
+    ),
+    "smoke": dict(
+        data="offline",
+        base=dict(GPU_DEFAULTS, depth=2, vocab_size=2048, max_seq_len=256, total_batch_size=2048, device_batch_size=4,
+                  num_iterations=8, eval_every=4, eval_tokens=4096, sample_every=8, save_every=4,
+                  core_metric_every=-1),
+        tok={"max-chars": 20000000},
+        loss={"split-tokens": 4096},
+        mid={"num-iterations": 4, "eval-every": 4, "eval-tokens": 4096, "save-every": 2},
+        sft={"device-batch-size": 4, "target-examples-per-step": 8, "num-iterations": 4, "eval-every": 4,
+             "eval-steps": 4, "eval-metrics-every": -1, "save-every": 2},
+        rl={"num-iterations": 2, "examples-per-step": 2, "num-samples": 2, "device-batch-size": 4,
+            "max-new-tokens": 32, "eval-every": 2, "eval-examples": 4, "eval-samples": 2, "save-every": 1},
+        eval={"max-problems": 4, "max-new-tokens": 32},
+    ),
+}
+
+# Without a GPU the GPU preset's evaluation budget (20 steps of 524,288 tokens, 10.5M tokens)
+# takes hours; there a val bpb pass reads this many forward passes of the device batch.
+CPU_EVAL_FORWARD_PASSES = 8
+# The device batch that fits: upstream runs d20 at 32 x 2048 tokens on 80 GB cards (which
+# report ~79 GiB, so the reference is 76 GiB); activations grow with batch x depth^2 (width and
+# layers both grow with depth) and with the sequence length.
+REFERENCE_FIT = dict(device_batch_size=32, depth=20, max_seq_len=2048, memory_gib=76)
+MAX_AUTO_DEVICE_BATCH_SIZE = 32
+CPU_DEVICE_BATCH_SIZE = 4
+ASSUMED_MFU = 0.40  # for time estimates only; every stage prints its measured MFU
+
+
+class RunShapeError(ValueError):
+    """A combination of flags that cannot work; the message names the flags and what to change."""
+
+
+@dataclass
+class RunShape:
+    """A resolved run. Sizes in tokens unless named otherwise; memory in bytes.
+
+    stage_args: flags for the other stages' scripts ("tok", "loss", "mid", "sft", "rl", "eval"),
+    as argument lists, e.g. {"mid": ["--num-iterations", "12", ...]}.
+    """
+    preset: str
+    depth: int
+    vocab_size: int
+    max_seq_len: int
+    device_batch_size: int
+    total_batch_size: int
+    world_size: int
+    grad_accum_steps: int
+    num_params: int
+    flops_per_token: float
+    num_iterations: int
+    horizon: str  # the flag that decided num_iterations, e.g. "--num-iterations"
+    eval_every: int
+    eval_tokens: int
+    sample_every: int
+    save_every: int
+    core_metric_every: int
+    data: str | None  # "offline" for the CPU presets, None: the caller decides (online if the Hub answers)
+    state_bytes: int  # fp32 weights + gradients + optimizer state
+    optimizer_bytes: int
+    stage_args: dict = field(default_factory=dict)
+
+    @property
+    def model_tag(self):
+        return f"d{self.depth}"
+
+    @property
+    def tokens(self):
+        """Pretraining tokens: steps x tokens per step."""
+        return self.num_iterations * self.total_batch_size
+
+    @property
+    def training_flops(self):
+        return self.flops_per_token * self.tokens
+
+    @property
+    def eval_steps(self):
+        """Forward passes per val bpb evaluation (each of device_batch_size x max_seq_len x world_size tokens)."""
+        return max(1, self.eval_tokens // (self.device_batch_size * self.max_seq_len * self.world_size))
+
+
+def model_size(depth, vocab_size, max_seq_len):
+    """(parameters, training FLOPs per token, bytes of fp32 weights + gradients + optimizer state,
+    bytes of optimizer state) of the d`depth` GPT, built on the meta device (no memory, no init).
+
+    Optimizer state: AdamW keeps two fp32 moments for the embedding and lm_head, Muon one fp32
+    momentum buffer for every other matrix (nanochat/adamw.py, nanochat/muon.py).
+
+    Raises:
+        RunShapeError: depth < 1.
+    """
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    try:
+        config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len)
+    except ValueError as e:
+        raise RunShapeError(str(e)) from None
+    with torch.device("meta"):
+        model = GPT(config)
+    params = model.num_scaling_params()
+    adamw = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    optimizer_bytes = 8 * adamw + 4 * (params - adamw)
+    return params, model.estimate_flops(), 4 * params + 4 * params + optimizer_bytes, optimizer_bytes
+
+
+def auto_device_batch_size(depth, max_seq_len, total_batch_size, world_size, memory_gib):
+    """The largest power of two <= 32 that fits `memory_gib` of GPU memory and divides the step.
+
+    Scaled from upstream's d20 reference (32 x 2048 tokens in 76 GiB) by depth^-2, by 2048 /
+    max_seq_len and by the memory; at least 1. A power of two, so it divides power-of-two steps;
+    halved further until device_batch_size x max_seq_len x world_size divides total_batch_size.
+    """
+    ref = REFERENCE_FIT
+    fit = (ref["device_batch_size"] * (ref["depth"] / depth) ** 2 * (ref["max_seq_len"] / max_seq_len)
+           * memory_gib / ref["memory_gib"])
+    bs = 1
+    while bs * 2 <= min(fit, MAX_AUTO_DEVICE_BATCH_SIZE):
+        bs *= 2
+    while bs > 1 and total_batch_size % (bs * max_seq_len * world_size) != 0:
+        bs //= 2
+    return bs
+
+
+def _stage_args(flags):
+    """{"num-iterations": 12} -> ["--num-iterations", "12"]."""
+    return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
+
+
+def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None, **flags):
+    """Resolve a run: the preset's defaults, then every flag the user gave (not None) on top.
+
+    Args:
+        preset: "gpu" (upstream's recipe), "tiny" or "smoke" (the CPU presets).
+        device_type: "cuda", "mps" or "cpu": GPU-sized defaults (the evaluation budget, the device
+            batch) apply on CUDA only.
+        world_size: processes (GPUs) of the run.
+        gpu_memory_gib: memory a CUDA run can use (the auto device batch size is chosen for it);
+            None: read it from GPU 0 (common.gpu_memory_bytes) when device_type is "cuda".
+        flags: base_train's shape flags by their argparse names, None = not given: depth,
+            vocab_size, max_seq_len, device_batch_size, total_batch_size, num_iterations,
+            target_flops, target_param_data_ratio, eval_every, eval_tokens, sample_every,
+            save_every, core_metric_every. Unknown names raise TypeError.
+
+    Returns a RunShape.
+
+    Raises:
+        RunShapeError: unknown preset, a size < 1, a device batch that does not divide the step,
+            or a horizon of no steps; the message names the flags.
+    """
+    if preset not in PRESETS:
+        raise RunShapeError(f"unknown preset {preset!r}; pick one of {', '.join(PRESETS)}")
+    unknown = set(flags) - set(GPU_DEFAULTS)
+    if unknown:
+        raise TypeError(f"run_shape() got unknown flags {sorted(unknown)}")
+    spec = PRESETS[preset]
+    given = {k: v for k, v in flags.items() if v is not None}
+    s = {**spec["base"], **given}
+    for name in ("depth", "vocab_size", "max_seq_len", "total_batch_size"):
+        if s[name] < 1:
+            raise RunShapeError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if world_size < 1:
+        raise RunShapeError(f"the number of processes must be >= 1, got {world_size}")
+
+    # the device batch: the user's, else the preset's, else what fits the GPU (CPU: a small one)
+    if "device_batch_size" not in given and s["device_batch_size"] is None:
+        if device_type == "cuda":
+            if gpu_memory_gib is None:
+                from nanochat.common import gpu_memory_bytes
+                gpu_memory_gib = gpu_memory_bytes()[0] / 2**30
+            s["device_batch_size"] = auto_device_batch_size(s["depth"], s["max_seq_len"], s["total_batch_size"],
+                                                            world_size, gpu_memory_gib)
+        else:
+            s["device_batch_size"] = CPU_DEVICE_BATCH_SIZE
+    dbs = s["device_batch_size"]
+    if dbs < 1:
+        raise RunShapeError(f"--device-batch-size must be >= 1, got {dbs}")
+    world_tokens = dbs * s["max_seq_len"] * world_size
+    if s["total_batch_size"] % world_tokens != 0:
+        said = [f"--{k.replace('_', '-')} {given[k]}" for k in ("device_batch_size", "max_seq_len", "total_batch_size")
+                if k in given]
+        raise RunShapeError(
+            f"--total-batch-size {s['total_batch_size']:,} is not a multiple of --device-batch-size x --max-seq-len x "
+            f"processes = {dbs} x {s['max_seq_len']} x {world_size} = {world_tokens:,}"
+            + (f" (you set {', '.join(said)}; the {preset} preset sets the rest)" if said else "")
+            + "; pick sizes that divide it, e.g. a power of two for --device-batch-size")
+
+    # the evaluation budget: GPU-sized only on a GPU, unless the user or a preset set it
+    if "eval_tokens" not in given and preset == "gpu" and device_type != "cuda":
+        s["eval_tokens"] = CPU_EVAL_FORWARD_PASSES * world_tokens
+
+    params, flops_per_token, state_bytes, optimizer_bytes = model_size(s["depth"], s["vocab_size"], s["max_seq_len"])
+
+    # the horizon: the first of these that is set (> 0) wins
+    if s["num_iterations"] > 0:
+        num_iterations, horizon = s["num_iterations"], "--num-iterations"
+    elif s["target_flops"] > 0:
+        num_iterations = round(s["target_flops"] / (flops_per_token * s["total_batch_size"]))
+        horizon = f"--target-flops {s['target_flops']:e}"
+    elif s["target_param_data_ratio"] > 0:
+        num_iterations = int(s["target_param_data_ratio"] * params) // s["total_batch_size"]
+        horizon = f"--target-param-data-ratio {s['target_param_data_ratio']:g}"
+    else:
+        raise RunShapeError("set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
+    if num_iterations < 1:
+        raise RunShapeError(f"the horizon ({horizon}) gives {num_iterations} steps of {s['total_batch_size']:,} tokens; "
+                            "raise it or lower --total-batch-size")
+
+    stage_args = {name: _stage_args(spec[name]) for name in ("tok", "loss", "mid", "sft", "rl", "eval")}
+    return RunShape(preset=preset, depth=s["depth"], vocab_size=s["vocab_size"], max_seq_len=s["max_seq_len"],
+                    device_batch_size=dbs, total_batch_size=s["total_batch_size"], world_size=world_size,
+                    grad_accum_steps=s["total_batch_size"] // world_tokens, num_params=params,
+                    flops_per_token=flops_per_token, num_iterations=num_iterations, horizon=horizon,
+                    eval_every=s["eval_every"], eval_tokens=s["eval_tokens"], sample_every=s["sample_every"],
+                    save_every=s["save_every"], core_metric_every=s["core_metric_every"], data=spec["data"],
+                    state_bytes=state_bytes, optimizer_bytes=optimizer_bytes, stage_args=stage_args)
+
+
+def estimate_seconds(flops, flops_per_second, mfu=ASSUMED_MFU):
+    """Seconds to do `flops` at `mfu` of `flops_per_second` (a GPU's bf16 peak, or a CPU's
+    measured matmul rate); None when the rate is unknown. An estimate: label it as one."""
+    return None if not flops_per_second else flops / (flops_per_second * mfu)
+
+
+def cpu_matmul_flops():
+    """Measured fp32 FLOP/s of a 1024 x 1024 matmul on this CPU (about 0.2 s)."""
+    import time
+    import torch
+    a = torch.randn(1024, 1024)
+    a @ a  # warm up
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+
+
+def shape_flags(args):
+    """run_shape's flags from an argparse Namespace that has base_train's shape flags (others ignored)."""
+    return {name: getattr(args, name) for name in GPU_DEFAULTS if hasattr(args, name)}
