@@ -57,54 +57,32 @@ MAX_TOP_K = 200
 MAX_NEW_TOKENS = 4096
 MAX_STOP_SEQUENCES = 4
 
-# Flags
-parser = ArgumentParser(description="Chat with a trained model in the browser, or through an OpenAI-compatible API")
-parser.add_argument("--source", default=None, choices=list(SOURCES), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
-parser.add_argument("--model-tag", default=None, help="default: the largest tag of the source")
-parser.add_argument("--step", type=int, default=None, help="default: the last step")
-parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA sm80+, else float32")
-parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU/MPS: always 1)")
-parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (0..2)")
-parser.add_argument("--top-k", type=int, default=50, help=f"default top-k (1..{MAX_TOP_K})")
-parser.add_argument("--max-tokens", type=int, default=512, help="default tokens per reply, cut to what fits the context")
-parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface")
-parser.add_argument("--port", type=int, default=8000)
-parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="Bearer key the /v1 routes require (default: $NANOCHAT_API_KEY, or none)")
-parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a free worker before a 503")
-parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
-parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
-args = parser.parse_args()
-if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
-    sys.exit(f"chat_web: --temperature must be in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_NEW_TOKENS}")
+UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
-# Model replicas: one per GPU
-try:
-    device_type = args.device_type or autodetect_device_type()
-    compute_init(device_type)
-    source = args.source or find_default_source()
-    if device_type == "cuda":
-        if not 1 <= args.num_gpus <= torch.cuda.device_count():
-            raise ValueError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
-        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
-    else:
-        devices = [torch.device(device_type)]
-    replicas = [load_model(source, devices[0], "eval", model_tag=args.model_tag, step=args.step)]
-    model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), replicas[0][2]["step"]
-    replicas += [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices[1:]]
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"chat_web: {e}")
-dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)
-model0, tokenizer, _ = replicas[0]
-SEQUENCE_LEN = model0.config.sequence_len
-MODEL_ID = f"nanochat-{source}-{model_tag}-step{step}"
-CREATED = int(time.time())
-num_params = sum(p.numel() for p in model0.parameters())
-print0(f"Model {MODEL_ID}: {num_params / 1e6:.1f}M params, context {SEQUENCE_LEN} tokens, {str(dtype).removeprefix('torch.')} "
-       f"on {', '.join(str(d) for d in devices)}")
-SPECIAL = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-STOP_TOKENS = {SPECIAL["<|assistant_end|>"], SPECIAL["<|bos|>"]}
-UI_HTML = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html"), encoding="utf-8").read()
+
+def parse_args(argv=None):
+    """The command line (default: sys.argv) -> argparse.Namespace; exits with a message when a
+    sampling default is out of range."""
+    parser = ArgumentParser(description="Chat with a trained model in the browser, or through an OpenAI-compatible API")
+    parser.add_argument("--source", default=None, choices=list(SOURCES), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
+    parser.add_argument("--model-tag", default=None, help="default: the largest tag of the source")
+    parser.add_argument("--step", type=int, default=None, help="default: the last step")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA sm80+, else float32")
+    parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU/MPS: always 1)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (0..2)")
+    parser.add_argument("--top-k", type=int, default=50, help=f"default top-k (1..{MAX_TOP_K})")
+    parser.add_argument("--max-tokens", type=int, default=512, help="default tokens per reply, cut to what fits the context")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="Bearer key the /v1 routes require (default: $NANOCHAT_API_KEY, or none)")
+    parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a free worker before a 503")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    args = parser.parse_args(argv)
+    if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
+        sys.exit(f"chat_web: --temperature must be in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_NEW_TOKENS}")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -131,18 +109,18 @@ def error_body(status, message, param=None, code=None):
 class Worker:
     """One model replica on one device; it serves one request at a time."""
 
-    def __init__(self, index, device, model, tokenizer):
-        self.index, self.device = index, device
+    def __init__(self, index, model, tokenizer, dtype):
+        self.index, self.device, self.dtype = index, model.lm_head.weight.device, dtype
         self.engine = Engine(model, tokenizer)
         self.requests_served = 0
 
     def autocast(self):
         """A fresh autocast context (one per generation: contexts keep state while entered)."""
-        return torch.amp.autocast(device_type=self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
 
 
 class WorkerPool:
-    """Hands out free workers first come, first served.
+    """Hands out free workers first come, first served, and counts what they did (for /stats).
 
     A request that finds every worker busy waits in line (at most `max_queue` may wait, else 429)
     for up to `queue_timeout` seconds (else 503). Methods run on the event loop's thread.
@@ -153,6 +131,7 @@ class WorkerPool:
         self.free = deque(workers)
         self.waiters = deque()  # futures of requests waiting in line, oldest first
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.stats = {"requests_served": 0, "tokens_generated": 0, "generation_seconds": 0.0, "errors": 0}
 
     async def acquire(self):
         """Return a free worker. Raises APIError 429 (line full) or 503 (waited queue_timeout s)."""
@@ -186,24 +165,21 @@ class WorkerPool:
         self.free.append(worker)
 
 
-pool = WorkerPool([Worker(i, d, m, t) for i, (d, (m, t, _)) in enumerate(zip(devices, replicas))],
-                  args.max_queue, args.queue_timeout)
-stats = {"requests_served": 0, "tokens_generated": 0, "generation_seconds": 0.0, "errors": 0}
-
-
 class Generation:
     """One reply being sampled by a worker in a thread of its own (the model is synchronous).
 
     The thread starts at once, streams token ids back through an asyncio queue, and returns the
-    worker to the pool when it ends: after a stop token, after max_tokens, after cancel() (the
-    client went away: it stops within one token), or after an exception (the model holds no
-    per-request state, so the worker is fine to reuse; the error goes to the request).
+    worker to `pool` when it ends: after a stop token (Engine.generate ends there), after
+    max_tokens, after cancel() (the client went away: it stops within one token), or after an
+    exception (the model holds no per-request state, so the worker is fine to reuse; the error
+    goes to the request).
     """
 
     _END = object()
 
-    def __init__(self, worker, tokens, max_tokens, sampling_params):
+    def __init__(self, pool, worker, tokens, max_tokens, sampling_params):
         self.loop = asyncio.get_running_loop()
+        self.pool = pool
         self.queue = asyncio.Queue()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(worker, tokens, max_tokens, sampling_params), daemon=True)
@@ -224,8 +200,6 @@ class Generation:
                         break
                     count += 1
                     self._send(token_column[0])
-                    if token_column[0] in STOP_TOKENS:
-                        break
             self._send(self._END)
         except Exception as e:  # any failure of the model belongs to this request, not to the server
             if worker.device.type == "cuda":
@@ -234,10 +208,10 @@ class Generation:
             self._send(e)
         finally:
             def finish():
-                stats["tokens_generated"] += count
-                stats["generation_seconds"] += time.perf_counter() - t0
+                self.pool.stats["tokens_generated"] += count
+                self.pool.stats["generation_seconds"] += time.perf_counter() - t0
                 worker.requests_served += 1
-                pool.release(worker)
+                self.pool.release(worker)
             try:
                 self.loop.call_soon_threadsafe(finish)
             except RuntimeError:
@@ -258,7 +232,7 @@ class Generation:
                 if item is self._END:
                     return
                 if isinstance(item, Exception):
-                    stats["errors"] += 1
+                    self.pool.stats["errors"] += 1
                     raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
                 yield item
         finally:
@@ -346,10 +320,12 @@ class UIChatRequest(StrictModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
-def render_prompt(messages, max_tokens):
+def render_prompt(messages, max_tokens, tokenizer, sequence_len, default_max_tokens):
     """Validated messages -> (prompt token ids, tokens to generate), checking the request limits.
 
-    max_tokens None means --max-tokens cut to the room left in the context.
+    max_tokens None (the request left it out) means default_max_tokens (--max-tokens) cut to
+    the room the prompt leaves in the model's context of sequence_len tokens; a max_tokens the
+    request gives must fit (OpenAI answers the same 400).
 
     Raises:
         APIError 400: a message or the total too long, the wrong role order, or the prompt plus
@@ -370,21 +346,23 @@ def render_prompt(messages, max_tokens):
         tokens = tokenizer.render_for_completion(conversation)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    room = SEQUENCE_LEN - len(tokens)
+    room = sequence_len - len(tokens)
+    if room < 1:
+        raise APIError(400, f"the prompt is {len(tokens)} tokens, which fills the model's context of {sequence_len} tokens; "
+                            "shorten the conversation", param="messages", code="context_length_exceeded")
     if max_tokens is None:
-        if room < 1:
-            raise APIError(400, f"the prompt is {len(tokens)} tokens, which fills the model's context of {SEQUENCE_LEN} tokens; "
-                                "shorten the conversation", param="messages", code="context_length_exceeded")
-        return tokens, min(args.max_tokens, room)
+        return tokens, min(default_max_tokens, room)
     if max_tokens > room:
         raise APIError(400, f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} > the model's "
-                            f"context of {SEQUENCE_LEN} tokens; shorten the conversation or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+                            f"context of {sequence_len} tokens; send max_tokens <= {room}, or leave it out to use the room left",
+                       param="max_tokens", code="context_length_exceeded")
     return tokens, max_tokens
 
 
-def sampling(body):
+def sampling(body, args):
     """Engine.generate's temperature, top_k, top_p and seed for a request: the server's defaults
-    where the request gives none, and a fresh random seed unless it gives one."""
+    (args: --temperature, --top-k) where the request gives none, and a fresh random seed unless
+    it gives one."""
     return {"temperature": args.temperature if body.temperature is None else body.temperature,
             "top_k": args.top_k if body.top_k is None else body.top_k,
             "top_p": getattr(body, "top_p", None),
@@ -397,9 +375,6 @@ def sse(payload):
 
 # -----------------------------------------------------------------------------
 # The app
-
-app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
-
 
 class BodySizeLimit:
     """ASGI middleware: answer 413 to a request body over `max_bytes` (by Content-Length, or by
@@ -436,22 +411,12 @@ class BodySizeLimit:
         await response({"type": "http"}, None, send)
 
 
-async def check_api_key(request: Request):
-    """Dependency of the /v1 routes: with --api-key, require `Authorization: Bearer <key>` (401 otherwise)."""
-    if args.api_key is None:
-        return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or key.strip() != args.api_key:
-        raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>` with the key this "
-                            "server was started with (--api-key)", code="invalid_api_key")
+# Every error in OpenAI's shape (create_app installs these handlers)
 
-
-@app.exception_handler(APIError)
 async def handle_api_error(request, e):
     return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
 
-@app.exception_handler(RequestValidationError)
 async def handle_validation_error(request, e):
     errors = e.errors()
     if any(err["type"] == "json_invalid" for err in errors):
@@ -463,168 +428,224 @@ async def handle_validation_error(request, e):
     return JSONResponse(error_body(422, f"invalid request: {message}", param=where(errors[0]), code="invalid_value"), status_code=422)
 
 
-@app.exception_handler(StarletteHTTPException)
 async def handle_http_error(request, e):
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     return JSONResponse(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code), status_code=e.status_code)
 
 
-@app.exception_handler(Exception)
 async def handle_unexpected_error(request, e):
     print0(f"{request.method} {request.url.path}: {type(e).__name__}: {e}")
     return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
 
-@app.get("/", response_class=HTMLResponse)
-async def index():
-    return UI_HTML
+def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
+    """The FastAPI app serving `models` (replicas of one checkpoint, one per device) as `model_id`.
 
+    args: parse_args()'s flags; the app reads --temperature, --top-k, --max-tokens, --api-key,
+    --queue-timeout, --max-queue and --max-body-bytes. Everything a request touches lives in here,
+    so apps can be built side by side in one process (the tests drive them with TestClient).
+    """
+    pool = WorkerPool([Worker(i, model, tokenizer, dtype) for i, model in enumerate(models)], args.max_queue, args.queue_timeout)
+    sequence_len = models[0].config.sequence_len
+    stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    loaded_at = int(time.time())
+    with open(UI_PATH, encoding="utf-8") as f:
+        ui_html = f.read()
 
-@app.get("/health")
-async def health():
-    return {"status": "ok", "ready": True, "workers": len(pool.workers), "model": MODEL_ID}
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None)
+    app.add_middleware(BodySizeLimit, max_bytes=args.max_body_bytes)
+    app.add_exception_handler(APIError, handle_api_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(Exception, handle_unexpected_error)
 
+    async def check_api_key(request: Request):
+        """Dependency of the /v1 routes: with --api-key, require `Authorization: Bearer <key>` (401 otherwise)."""
+        if args.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != args.api_key:
+            raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>` with the key this "
+                                "server was started with (--api-key)", code="invalid_api_key")
 
-@app.get("/stats")
-async def get_stats():
-    seconds = stats["generation_seconds"]
-    busy = [w for w in pool.workers if w not in pool.free]
-    return {
-        "model": MODEL_ID,
-        "workers": {"total": len(pool.workers), "busy": len(busy), "free": len(pool.workers) - len(busy)},
-        "waiting": len(pool.waiters),
-        "requests_served": stats["requests_served"],
-        "tokens_generated": stats["tokens_generated"],
-        "tokens_per_second": round(stats["tokens_generated"] / seconds, 1) if seconds else 0.0,
-        "errors": stats["errors"],
-        "per_worker": [{"index": w.index, "device": str(w.device), "busy": w in busy, "requests_served": w.requests_served}
-                       for w in pool.workers],
-    }
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return ui_html
 
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "ready": True, "workers": len(pool.workers), "model": model_id}
 
-@app.get("/v1/models", dependencies=[Depends(check_api_key)])
-async def list_models():
-    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED, "owned_by": "nanochat"}]}
+    @app.get("/stats")
+    async def get_stats():
+        seconds = pool.stats["generation_seconds"]
+        busy = [w for w in pool.workers if w not in pool.free]
+        return {
+            "model": model_id,
+            "workers": {"total": len(pool.workers), "busy": len(busy), "free": len(pool.workers) - len(busy)},
+            "waiting": len(pool.waiters),
+            "requests_served": pool.stats["requests_served"],
+            "tokens_generated": pool.stats["tokens_generated"],
+            "tokens_per_second": round(pool.stats["tokens_generated"] / seconds, 1) if seconds else 0.0,
+            "errors": pool.stats["errors"],
+            "per_worker": [{"index": w.index, "device": str(w.device), "busy": w in busy, "requests_served": w.requests_served}
+                           for w in pool.workers],
+        }
 
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": loaded_at, "owned_by": "nanochat"}]}
 
-@app.post("/chat/completions")
-async def ui_chat_completions(body: UIChatRequest):
-    tokens, max_tokens = render_prompt(body.messages, body.max_tokens)
-    params = sampling(body)
-    worker = await pool.acquire()
-    generation = Generation(worker, tokens, max_tokens, params)
-    stats["requests_served"] += 1
+    @app.post("/chat/completions")
+    async def ui_chat_completions(body: UIChatRequest):
+        tokens, max_tokens = render_prompt(body.messages, body.max_tokens, tokenizer, sequence_len, args.max_tokens)
+        params = sampling(body, args)
+        worker = await pool.acquire()
+        generation = Generation(pool, worker, tokens, max_tokens, params)
+        pool.stats["requests_served"] += 1
 
-    async def events():
-        decoder, count, finish = TokenDecoder(tokenizer), 0, "length"
-        try:
+        async def events():
+            decoder, count, finish = TokenDecoder(tokenizer), 0, "length"
+            try:
+                async for token in generation.tokens():
+                    count += 1
+                    if token in stop_tokens:
+                        finish = "stop"
+                        break
+                    for kind, text in decoder.push(token):
+                        if kind != "special":
+                            yield sse({"token": text, "kind": kind})
+                for kind, text in decoder.flush():
+                    yield sse({"token": text, "kind": kind})
+                yield sse({"done": True, "finish_reason": finish, "prompt_tokens": len(tokens), "completion_tokens": count})
+            except APIError as e:
+                yield sse({"error": e.message})
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+    async def openai_chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.model not in (None, model_id, "nanochat"):
+            raise APIError(404, f"The model {body.model!r} does not exist; this server serves {model_id!r} (GET /v1/models)", param="model", code="model_not_found")
+        if body.n not in (None, 1):
+            raise APIError(400, f"n={body.n}: this server returns one choice per request; send n=1 (or leave it out)", param="n")
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
+            raise APIError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings, got {len(stops)}", param="stop")
+        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", param="max_tokens")
+        tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens, tokenizer, sequence_len, args.max_tokens)
+        params = sampling(body, args)
+        worker = await pool.acquire()
+        generation = Generation(pool, worker, tokens, max_tokens, params)
+        pool.stats["requests_served"] += 1
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
+
+        async def content_pieces():
+            """Yield the reply's text as it is sampled; counts usage["completion_tokens"] and sets finish[0]."""
+            decoder, matcher = TokenDecoder(tokenizer), StopMatcher(stops)
             async for token in generation.tokens():
-                count += 1
-                if token in STOP_TOKENS:
-                    finish = "stop"
+                usage["completion_tokens"] += 1
+                if token in stop_tokens:
+                    finish[0] = "stop"
                     break
-                for kind, text in decoder.push(token):
-                    if kind != "special":
-                        yield sse({"token": text, "kind": kind})
-            for kind, text in decoder.flush():
-                yield sse({"token": text, "kind": kind})
-            yield sse({"done": True, "finish_reason": finish, "prompt_tokens": len(tokens), "completion_tokens": count})
-        except APIError as e:
-            yield sse({"error": e.message})
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-@app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
-async def openai_chat_completions(body: ChatCompletionRequest, request: Request):
-    if body.model not in (None, MODEL_ID, "nanochat"):
-        raise APIError(404, f"The model {body.model!r} does not exist; this server serves {MODEL_ID!r} (GET /v1/models)", param="model", code="model_not_found")
-    if body.n not in (None, 1):
-        raise APIError(400, f"n={body.n}: this server returns one choice per request; send n=1 (or leave it out)", param="n")
-    stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
-        raise APIError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings, got {len(stops)}", param="stop")
-    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", param="max_tokens")
-    tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens)
-    params = sampling(body)
-    worker = await pool.acquire()
-    generation = Generation(worker, tokens, max_tokens, params)
-    stats["requests_served"] += 1
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
-
-    async def content_pieces():
-        """Yield the reply's text as it is sampled; counts usage["completion_tokens"] and sets finish[0]."""
-        decoder, matcher = TokenDecoder(tokenizer), StopMatcher(stops)
-        async for token in generation.tokens():
-            usage["completion_tokens"] += 1
-            if token in STOP_TOKENS:
-                finish[0] = "stop"
-                break
-            for _, text in decoder.push(token):
+                for _, text in decoder.push(token):
+                    text, stopped = matcher.push(text)
+                    if text:
+                        yield text
+                    if stopped:
+                        finish[0] = "stop"
+                        return
+            for _, text in decoder.flush():
                 text, stopped = matcher.push(text)
                 if text:
                     yield text
                 if stopped:
                     finish[0] = "stop"
                     return
-        for _, text in decoder.flush():
-            text, stopped = matcher.push(text)
-            if text:
-                yield text
-            if stopped:
-                finish[0] = "stop"
-                return
-        if tail := matcher.flush():
-            yield tail
+            if tail := matcher.flush():
+                yield tail
 
-    finish = ["length"]
+        finish = ["length"]
 
-    def usage_total():
-        return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        def usage_total():
+            return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
-    if not body.stream:
-        content = []
-        try:
-            async for text in content_pieces():
-                content.append(text)
-                if await request.is_disconnected():
-                    break
-        finally:
-            generation.cancel()
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)}, "logprobs": None, "finish_reason": finish[0]}],
-                "usage": usage_total()}
+        if not body.stream:
+            content = []
+            try:
+                async for text in content_pieces():
+                    content.append(text)
+                    if await request.is_disconnected():
+                        break
+            finally:
+                generation.cancel()
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)}, "logprobs": None, "finish_reason": finish[0]}],
+                    "usage": usage_total()}
 
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    def chunk(delta, finish_reason=None):
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
-
-    async def events():
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for text in content_pieces():
-                yield chunk({"content": text})
-            yield chunk({}, finish[0])
+        def chunk(delta, finish_reason=None):
+            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
             if include_usage:
-                yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
-                           "choices": [], "usage": usage_total()})
-        except APIError as e:
-            yield sse(error_body(e.status, e.message, code=e.code))
-        finally:
-            generation.cancel()
-        yield "data: [DONE]\n\n"
+                payload["usage"] = None
+            return sse(payload)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for text in content_pieces():
+                    yield chunk({"content": text})
+                yield chunk({}, finish[0])
+                if include_usage:
+                    yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                               "choices": [], "usage": usage_total()})
+            except APIError as e:
+                yield sse(error_body(e.status, e.message, code=e.code))
+            finally:
+                generation.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
 
 
-# Serve
-print0(f"nanochat is up: open http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
-       f"(OpenAI API at /v1{', key required' if args.api_key else ''})")
-uvicorn.run(BodySizeLimit(app, args.max_body_bytes), host=args.host, port=args.port, log_level="warning")
+def main():
+    args = parse_args()
+
+    # Model replicas: one per GPU
+    try:
+        device_type = args.device_type or autodetect_device_type()
+        compute_init(device_type)
+        source = args.source or find_default_source()
+        if device_type == "cuda":
+            if not 1 <= args.num_gpus <= torch.cuda.device_count():
+                raise ValueError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
+            devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+        else:
+            devices = [torch.device(device_type)]
+        replicas = [load_model(source, devices[0], "eval", model_tag=args.model_tag, step=args.step)]
+        model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), replicas[0][2]["step"]
+        replicas += [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices[1:]]
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"chat_web: {e}")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)
+    models, tokenizer = [model for model, _, _ in replicas], replicas[0][1]
+    model_id = f"nanochat-{source}-{model_tag}-step{step}"
+    num_params = sum(p.numel() for p in models[0].parameters())
+    print0(f"Model {model_id}: {num_params / 1e6:.1f}M params, context {models[0].config.sequence_len} tokens, "
+           f"{str(dtype).removeprefix('torch.')} on {', '.join(str(d) for d in devices)}")
+
+    # Serve
+    app = create_app(models, tokenizer, model_id, args, dtype)
+    print0(f"nanochat is up: open http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
+           f"(OpenAI API at /v1{', key required' if args.api_key else ''})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
