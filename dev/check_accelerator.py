@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from nanochat.common import atomic_write
+
 env_file = sys.argv[1] if len(sys.argv) > 1 else ".nanochat_env"
 
 
@@ -70,7 +72,5 @@ if not ok:
     sys.exit(1)
 print("[setup] torch.compile (Triton) ok" + (f" with TRITON_PTXAS_PATH={exports[0].split('=', 1)[1]}" if exports else ""))
 
-tmp = env_file + ".tmp"
-with open(tmp, "w") as f:
-    f.write("# written by setup.sh: GPU settings sourced by the nanochat shell scripts\n" + "".join(e + "\n" for e in exports))
-os.replace(tmp, env_file)
+atomic_write(env_file, "# written by setup.sh: GPU settings sourced by the nanochat shell scripts\n"
+             + "".join(e + "\n" for e in exports))

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import atomic_write, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -123,23 +123,26 @@ def download_eval_bundle(bundle_dir=None, url=None):
 
 
 def _download(url, path):
-    """Stream `url` to `path` through a temporary file in the same folder (renamed once complete)."""
+    """Stream `url` to `path` through a temporary file in the same folder (common.atomic_write).
+
+    Raises:
+        EvalBundleError: the server cannot be reached or answers with an error status.
+    """
     import requests  # only the online path needs it
-    print0(f"downloading the CORE eval bundle from {url} to {path}")
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".eval_bundle.zip.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=(10, 60)) as response:
+
+    def stream_zip(f):
+        with requests.get(url, stream=True, timeout=(10, 60)) as response:
             response.raise_for_status()
             for chunk in response.iter_content(chunk_size=1 << 20):
                 f.write(chunk)
-        os.replace(tmp_path, path)
+
+    print0(f"downloading the CORE eval bundle from {url} to {path}")
+    try:
+        atomic_write(path, stream_zip)
     except (requests.RequestException, OSError) as e:
         raise EvalBundleError(f"cannot download the CORE eval bundle from {url} ({type(e).__name__}: {e}); copy "
                               f"eval_bundle.zip to {path} (it is unpacked from there), or skip the CORE evaluation "
                               "(skip base_eval; base_train --core-metric-every -1)") from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     print0(f"downloaded eval_bundle.zip ({os.path.getsize(path) / 1e6:.1f} MB)")
 
 

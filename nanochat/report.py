@@ -22,7 +22,11 @@ import shutil
 import subprocess
 import sys
 
-from nanochat.common import ArgumentParser, get_base_dir
+import psutil
+import torch
+
+from nanochat.common import (ArgumentParser, atomic_write, format_duration, get_base_dir, get_dist_info,
+                             gpu_memory_bytes)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,14 +54,6 @@ SKIPPED_DIRS = {"target", "__pycache__", "node_modules", "build", "dist"}
 def slugify(title):
     """'Base model training' -> 'base-model-training' (the section's file name, without .md)."""
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
-def write_atomic(path, text):
-    """Write `text` to `path` through a temp file + rename, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def to_jsonable(value):
@@ -119,9 +115,9 @@ class Report:
         slug = slugify(section)
         record = {"section": section, "timestamp": now.isoformat(timespec="seconds"), "data": merged, "text": texts}
         # JSON first: generate treats a section as present once its .md exists
-        write_atomic(os.path.join(self.report_dir, f"{slug}.json"), json.dumps(record, indent=2) + "\n")
+        atomic_write(os.path.join(self.report_dir, f"{slug}.json"), json.dumps(record, indent=2) + "\n")
         path = os.path.join(self.report_dir, f"{slug}.md")
-        write_atomic(path, "\n".join(lines) + "\n")
+        atomic_write(path, "\n".join(lines) + "\n")
         return path
 
     def log_metrics(self, stage, step, **values):
@@ -143,7 +139,7 @@ class Report:
             if (name.endswith((".md", ".json")) or (name.startswith("metrics_") and name.endswith(".jsonl"))
                     or (name.startswith("plot_") and name.endswith(".png"))):
                 os.remove(os.path.join(self.report_dir, name))
-        write_atomic(os.path.join(self.report_dir, "header.md"), system_header(config))
+        atomic_write(os.path.join(self.report_dir, "header.md"), system_header(config))
 
     def sections(self):
         """Slugs of the logged sections, in pipeline order then by name."""
@@ -192,7 +188,7 @@ class Report:
             with open(os.path.join(self.report_dir, f"{slug}.md"), encoding="utf-8") as f:
                 parts.append(f.read())
         out = os.path.join(self.report_dir, "report.md")
-        write_atomic(out, "\n".join(p for p in parts if p))
+        atomic_write(out, "\n".join(p for p in parts if p))
         if copy_to:
             shutil.copyfile(out, copy_to)
         return out
@@ -269,13 +265,6 @@ def summary_table(data):
     return "\n".join(lines) + "\n"
 
 
-def format_seconds(seconds):
-    """12345 -> '3h25m45s' (the report's wall-time format)."""
-    h, rem = divmod(int(round(seconds)), 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def totals_markdown(data, price_per_kwh=None):
     """Per-stage wall time and GPU energy, their totals, and the energy's cost.
 
@@ -293,9 +282,9 @@ def totals_markdown(data, price_per_kwh=None):
             total_s = (total_s or 0.0) + seconds
         if wh is not None:
             total_wh = (total_wh or 0.0) + wh
-        rows.append(f"| {slug} | {'-' if seconds is None else format_seconds(seconds)} | "
+        rows.append(f"| {slug} | {'-' if seconds is None else format_duration(seconds)} | "
                     f"{'-' if wh is None else f'{wh:.1f}'} |")
-    lines = [f"- total wall time: {'n/a' if total_s is None else format_seconds(total_s)}",
+    lines = [f"- total wall time: {'n/a' if total_s is None else format_duration(total_s)}",
              f"- GPU energy: {'n/a' if total_wh is None else f'{total_wh:.1f} Wh'}"]
     if price_per_kwh is not None and total_wh is not None:
         lines.append(f"- energy cost: {total_wh / 1000 * price_per_kwh:.2f} at {price_per_kwh:g} per kWh")
@@ -348,36 +337,23 @@ def code_size(root=REPO_ROOT):
     return lines, files
 
 
-def is_unified_memory(device_name, integrated):
-    """True for GPUs that share the system's memory (DGX Spark's GB10, Jetson): the CUDA
-    driver reports `integrated` for them, and GB10 is also recognised by name in case a
-    driver does not. On those, cudaMemGetInfo leaves out memory the OS could reclaim from its
-    page cache, so the system total (psutil) is the memory a run can use
-    (https://github.com/vllm-project/vllm/issues/35313,
-    https://github.com/ggml-org/llama.cpp/pull/17368)."""
-    return bool(integrated) or "GB10" in device_name
-
-
 def gpu_info():
     """The CUDA GPU torch sees, as a dict (None without one).
 
-    Keys: name, count, capability ((major, minor)), memory_bytes (for unified-memory GPUs
-    the system memory, see is_unified_memory), unified (bool).
+    Keys: name, count, capability ((major, minor)), memory_bytes (bytes a run can use: for
+    unified-memory GPUs such as GB10 the system memory, see common.is_unified_memory),
+    unified (bool).
     """
-    import psutil
-    import torch
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    unified = is_unified_memory(props.name, getattr(props, "is_integrated", False))
+    memory_bytes, unified = gpu_memory_bytes(0)
     return {"name": props.name, "count": torch.cuda.device_count(), "capability": (props.major, props.minor),
-            "memory_bytes": psutil.virtual_memory().total if unified else props.total_memory, "unified": unified}
+            "memory_bytes": memory_bytes, "unified": unified}
 
 
 def system_header(config=None):
     """Markdown header: date, git commit, hardware, software, code size and the run's `config`."""
-    import psutil
-    import torch
     commit, dirty = git_commit()
     gpu = gpu_info()
     if gpu is None:
@@ -403,7 +379,6 @@ def system_header(config=None):
 
 def get_report():
     """The Report for $NANOCHAT_BASE_DIR/report (rank 0 only writes; others get a no-op)."""
-    from nanochat.common import get_dist_info
     return Report() if get_dist_info()[1] == 0 else DummyReport()
 
 

@@ -15,16 +15,14 @@ On disk, $NANOCHAT_BASE_DIR/tokenizer/ holds:
 """
 
 import hashlib
-import io
 import os
 import pickle
-import tempfile
 
 import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 # -----------------------------------------------------------------------------
 # The vocabulary's fixed parts
@@ -46,22 +44,6 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 N_BYTE_TOKENS = 256  # byte-level BPE: ranks 0..255 are the single bytes, merges come after
-
-
-def _atomic_write_bytes(path, data):
-    """Write `data` (bytes) to `path` so that readers see the old file or the new one, never half."""
-    dir_name = os.path.dirname(os.path.abspath(path))
-    os.makedirs(dir_name, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=dir_name, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -156,10 +138,9 @@ class RustBPETokenizer:
             "mergeable_ranks": sorted(self.mergeable_ranks.items(), key=lambda item: item[1]),
             "special_tokens": list(self.special_tokens),
         }
-        _atomic_write_bytes(os.path.join(tokenizer_dir, "tokenizer.pkl"), pickle.dumps(data, protocol=4))
-        buffer = io.BytesIO()
-        torch.save(self.compute_token_bytes(), buffer)
-        _atomic_write_bytes(os.path.join(tokenizer_dir, "token_bytes.pt"), buffer.getvalue())
+        atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), pickle.dumps(data, protocol=4))
+        token_bytes = self.compute_token_bytes()
+        atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
 
     # -- vocabulary ------------------------------------------------------------
 

@@ -17,10 +17,8 @@ import operator
 import os
 import random
 import re
-import urllib.error
-import urllib.request
 
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+from nanochat.common import hub_reachable
 
 
 class HubUnavailableError(RuntimeError):
@@ -178,21 +176,7 @@ def in_test_split(key):
 # -----------------------------------------------------------------------------
 # The Hugging Face Hub
 
-def hub_available(timeout=3):
-    """True if the Hugging Face Hub ($HF_ENDPOINT, default https://huggingface.co) answers.
-
-    False without asking when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to 1.
-    """
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    url = os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/") + "/api/datasets/openai/gsm8k"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True  # the server answered, even if with an error status
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+hub_available = hub_reachable  # the name tasks/mixtures.py imports; one check for the whole repo
 
 
 def load_hub_dataset(path, name=None, split="train", data_files=None):
@@ -215,7 +199,7 @@ def load_hub_dataset(path, name=None, split="train", data_files=None):
            "Run with --data offline to train and evaluate on the offline tasks instead, or, if you "
            "downloaded it before, set HF_DATASETS_OFFLINE=1 to use the local cache.")
     offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not offline and not hub_available():
+    if not offline and not hub_reachable():
         raise HubUnavailableError(fix)
     try:
         return load_dataset(path, name, split=split)

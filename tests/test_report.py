@@ -13,8 +13,9 @@ import types
 import pytest
 import torch
 
-from nanochat.report import (DummyReport, Report, code_size, get_report, gpu_info, is_unified_memory, metric_series,
-                             parse_config, price_from_env, summary_table, system_header, totals_markdown)
+from nanochat.common import is_unified_memory
+from nanochat.report import (DummyReport, Report, code_size, get_report, gpu_info, metric_series, parse_config,
+                             price_from_env, summary_table, system_header, totals_markdown)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

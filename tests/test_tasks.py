@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from dev import gen_identity_data
+from nanochat.common import hub_reachable
 from nanochat.tokenizer import RustBPETokenizer
 from tasks import mixtures
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.common import (HubUnavailableError, Task, TaskMixture, TaskSequence, assistant_text,
-                          extract_final_answer, hub_available, render_mc)
+                          extract_final_answer, render_mc)
 from tasks.customjson import CustomJSON
 from tasks.dictionary import DefineWord, DefinitionMC, load_wordnet
 from tasks.gsm8k import GSM8K, parse_gsm8k_answer
@@ -186,7 +187,7 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", closed_port_endpoint())
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    assert not hub_available(timeout=1)
+    assert not hub_reachable(timeout=1)
     with pytest.raises(HubUnavailableError, match=r"openai/gsm8k.*--data offline") as info:
         GSM8K("test")
     assert isinstance(info.value, RuntimeError)
