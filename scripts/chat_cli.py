@@ -34,7 +34,7 @@ parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], he
 parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
 parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy")
 parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
-parser.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most")
+parser.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most, cut to what fits the context")
 parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per answer)")
 args = parser.parse_args()
 if args.temperature < 0 or args.top_k < 1 or args.max_tokens < 1:
@@ -92,6 +92,7 @@ def answer(messages):
     autocast = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     try:
         with autocast:
+            # --max-tokens cut to the room the prompt leaves: the tiny run's 512-token context holds no 512-token answer
             for token_column, _ in engine.generate(tokens, max_tokens=min(args.max_tokens, room), temperature=args.temperature,
                                                    top_k=args.top_k, seed=seed):
                 token = token_column[0]

@@ -18,8 +18,13 @@ limit (message length, context length, n != 1, role order), 401 wrong or missing
 routes, with --api-key), 404 unknown route or model, 413 body over --max-body-bytes, 422 a field
 of the wrong type or out of range, 429 the wait queue is full (--max-queue), 503 no worker came
 free within --queue-timeout. Sampling honours temperature, top_p (nucleus) and top_k (accepted as
-an extension field). In /v1 content, tool calls appear as the
+an extension field). A request without max_tokens gets --max-tokens cut to the room the prompt
+leaves in the model's context; a max_tokens that cannot fit is a 400 (context_length_exceeded), as
+at OpenAI. In /v1 content, tool calls appear as the
 special tokens that delimit them (<|python_start|>1+1<|python_end|><|output_start|>2<|output_end|>).
+
+The app is built by create_app() from loaded models (tests build it in process); main() parses
+the flags, loads the replicas and runs uvicorn.
 
 Not for: batching many requests through one replica, or serving the public internet without a
 proxy in front (the page and its endpoint are not behind --api-key).
@@ -57,6 +62,7 @@ MAX_TOP_K = 200
 MAX_NEW_TOKENS = 4096
 MAX_STOP_SEQUENCES = 4
 
+# The page served at /
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 

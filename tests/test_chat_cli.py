@@ -1,5 +1,6 @@
-"""Tests for scripts/chat_cli.py driven through a pseudo-terminal, and for the model selection it
-shares with chat_web (checkpoint_manager.find_default_source)."""
+"""Tests for scripts/chat_cli.py driven through a pseudo-terminal with the tiny models of
+conftest.build_base_dir, and for the model selection it shares with chat_web
+(checkpoint_manager.find_default_source)."""
 
 import os
 import shutil
@@ -9,17 +10,19 @@ import sys
 import pexpect
 import pytest
 
-from test_chat_web import REPO, chat_base_dir  # noqa: F401  (chat_base_dir: the session fixture with the tiny models)
+from conftest import REPO, TINY_CONTEXT
+
+SHORT = ("--max-tokens", "20")  # quick answers where their length does not matter
 
 
 def spawn_cli(base_dir, *flags):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NO_COLOR": "1", "TERM": "dumb"}
-    return pexpect.spawn(sys.executable, ["-m", "scripts.chat_cli", "--device-type", "cpu", "--max-tokens", "20", *flags],
+    return pexpect.spawn(sys.executable, ["-m", "scripts.chat_cli", "--device-type", "cpu", *flags],
                          cwd=REPO, env=env, encoding="utf-8", codec_errors="replace", timeout=120)
 
 
 def test_conversation_clear_and_quit(chat_base_dir):
-    child = spawn_cli(chat_base_dir, "--model-tag", "d1")
+    child = spawn_cli(chat_base_dir, "--model-tag", "d1", *SHORT)
     child.expect(r"Loaded sft model d1 step 0 from \S+model_000000\.pt")
     child.expect("User: ")
     child.sendline("Hello, how are you?")
@@ -39,7 +42,7 @@ def test_conversation_clear_and_quit(chat_base_dir):
 
 @pytest.mark.parametrize("key", ["\x04", "\x03"])  # Ctrl-D, Ctrl-C at the prompt
 def test_ctrl_d_and_ctrl_c_leave_cleanly(chat_base_dir, key):
-    child = spawn_cli(chat_base_dir, "--model-tag", "d1")
+    child = spawn_cli(chat_base_dir, "--model-tag", "d1", *SHORT)
     child.expect("User: ")
     child.send(key)
     child.expect(pexpect.EOF)
@@ -61,6 +64,30 @@ def test_ctrl_c_stops_an_answer(chat_base_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_default_max_tokens_is_cut_to_a_small_context(chat_base_dir):
+    """The tiny run's model (context 512) and the default --max-tokens (512): the first answer fills
+    the room the prompt leaves; the next question finds the context full and is told to `clear`."""
+    child = spawn_cli(chat_base_dir, "--model-tag", "tiny")
+    child.expect(f"context {TINY_CONTEXT} tokens")
+    child.expect("User: ")
+    child.sendline("Why is the sky blue?")
+    child.expect("Assistant: ")
+    child.expect("User: ")
+    assert len(child.before.strip()) > 100  # ~500 tokens of answer
+    child.sendline("And why is grass green?")
+    child.expect(rf"\(the conversation is \d+ tokens, the model's whole context of {TINY_CONTEXT}; type `clear`\)")
+    child.expect("User: ")
+    child.sendline("clear")
+    child.expect("User: ")
+    child.sendline("Why is the sky blue?")
+    child.expect("Assistant: ")
+    child.expect("User: ")
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
 
 
 def test_single_prompt(chat_base_dir):
@@ -116,4 +143,4 @@ def test_shell_wrappers(script, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "scripts.chat_sft" in p.stderr and "Traceback" not in p.stderr
     if shutil.which("shellcheck"):
-        assert subprocess.run(["shellcheck", script], cwd=REPO).returncode == 0
+        assert subprocess.run(["shellcheck", "-x", script], cwd=REPO).returncode == 0  # -x: follow the common.sh it sources

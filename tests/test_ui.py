@@ -1,33 +1,46 @@
-"""Tests for nanochat/ui.html in headless Chromium against a real chat_web server: send a message,
-watch tokens stream in, stop, regenerate, edit, see a server error, start a new chat, on a
-desktop and a phone-width screen. Screenshots go to tmp_path (and $NANOCHAT_TEST_ARTIFACTS)."""
+"""Tests for nanochat/ui.html in headless Chromium (Debian's /usr/bin/chromium) against real
+chat_web servers: the first message on the tiny run's model; send a message, watch tokens stream
+in, stop, regenerate, edit, see a server error, start a new chat, on a desktop and a phone-width
+screen. Any browser console error or uncaught page error fails a test. Screenshots go to
+tmp_path (and $NANOCHAT_TEST_ARTIFACTS)."""
 
 import os
 import shutil
 
 import pytest
 
-from test_chat_web import Server, chat_base_dir  # noqa: F401  (chat_base_dir: the session fixture with the tiny models)
-
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Chromium not installed: apt-get install chromium")
 
 
 @pytest.fixture(scope="module")
-def ui_server(chat_base_dir):  # noqa: F811
-    s = Server(chat_base_dir, "--model-tag", "chatty", "--max-tokens", "4000")
-    yield s
-    s.stop()
+def ui_server(start_server):
+    """Long replies from the chatty model (context 4096), so there is time to press stop."""
+    return start_server("--model-tag", "chatty", "--max-tokens", "4000")
+
+
+@pytest.fixture(scope="module")
+def tiny_server(start_server):
+    """What the tiny run leaves: a model with a 512-token context, served with the default --max-tokens."""
+    return start_server("--model-tag", "tiny")
 
 
 @pytest.fixture
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b
         b.close()
+
+
+def open_page(browser, url, **options):
+    """A new page at `url` and the list its console errors and uncaught exceptions are appended to."""
+    page, errors = browser.new_page(**options), []
+    page.on("console", lambda m: errors.append(f"console: {m.text} ({m.location['url']})") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.goto(url)
+    return page, errors
 
 
 def save_screenshot(page, tmp_path, name):
@@ -43,20 +56,37 @@ def assistant_text(page):
     return page.locator(".msg.assistant .bubble").last.inner_text()
 
 
+def test_first_message_on_a_tiny_context_model(tiny_server, browser, tmp_path):
+    """A fresh page sends no max_tokens, so the reply gets the room the prompt leaves in the
+    512-token context (the page used to send 512: a 400 at the very first message)."""
+    page, errors = open_page(browser, tiny_server.url + "/", viewport={"width": 1100, "height": 760})
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('nanochat-sft-tiny')")
+    page.fill("#input", "Why is the sky blue?")
+    with page.expect_request("**/chat/completions") as request:
+        page.keyboard.press("Enter")
+    assert request.value.post_data_json["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert "max_tokens" not in request.value.post_data_json
+    page.wait_for_selector(".msg.assistant")
+    page.wait_for_function("!document.body.classList.contains('busy')", timeout=60000)  # the reply ended
+    save_screenshot(page, tmp_path, "chat_tiny_context.png")
+    assert page.locator(".error").count() == 0
+    assert len(assistant_text(page)) > 100  # ~500 tokens: the model never stops before the context is full
+    assert errors == []
+
+
 def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1100, "height": 760})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(ui_server.url + "/")
+    page, errors = open_page(browser, ui_server.url + "/", viewport={"width": 1100, "height": 760})
     page.wait_for_function("document.getElementById('model').textContent.startsWith('nanochat-sft-chatty')")
     assert page.locator("#send").is_disabled()
     page.click("#settings-toggle")
-    page.fill("#max-tokens", "4000")  # long replies (~10 s), so there is time to press stop
+    page.fill("#max-tokens", "4000")  # a value the user sets is sent as is
     page.click("#settings-toggle")
 
     # type a message; tokens stream into the assistant's bubble
     page.fill("#input", "Hello! What can you do?")
-    page.keyboard.press("Enter")
+    with page.expect_request("**/chat/completions") as request:
+        page.keyboard.press("Enter")
+    assert request.value.post_data_json["max_tokens"] == 4000
     page.wait_for_selector(".msg.user .bubble:has-text('Hello! What can you do?')")
     page.wait_for_selector("#stop", state="visible")
     page.wait_for_function("document.querySelector('.msg.assistant .bubble').innerText.length > 5")
@@ -92,8 +122,9 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
     page.wait_for_selector("#send", state="visible")
     assert page.locator(".msg").count() == 2
     save_screenshot(page, tmp_path, "chat_desktop.png")
+    assert errors == []
 
-    # a server error is shown in the conversation
+    # a server error is shown in the conversation (Chromium logs the failed request, and only that)
     page.click("#settings-toggle")
     page.fill("#max-tokens", "4096")  # + the prompt is more than the 4096-token context: a 400 from the server
     page.fill("#input", "one more")
@@ -101,6 +132,7 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
     error = page.wait_for_selector(".error")
     assert "context" in error.inner_text() and "4096" in error.inner_text()
     save_screenshot(page, tmp_path, "chat_error.png")
+    assert len(errors) == 1 and "status of 400" in errors.pop(), errors
 
     # tool calls and their outputs are drawn as their own blocks
     page.evaluate("""messages = [{role: "user", content: "What is 12 * 34?"}, {role: "assistant", content: [
@@ -117,11 +149,7 @@ def test_send_stream_stop_regenerate_edit_new_chat(ui_server, browser, tmp_path)
 
 
 def test_phone_width(ui_server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 390, "height": 760}, device_scale_factor=2)
-    page.goto(ui_server.url + "/")
-    page.click("#settings-toggle")
-    page.fill("#max-tokens", "4000")
-    page.click("#settings-toggle")
+    page, errors = open_page(browser, ui_server.url + "/", viewport={"width": 390, "height": 760}, device_scale_factor=2)
     page.fill("#input", "Hi from a phone")
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('.msg.assistant .bubble') && document.querySelector('.msg.assistant .bubble').innerText.length > 40")
@@ -132,3 +160,4 @@ def test_phone_width(ui_server, browser, tmp_path):
     box = page.locator("#composer").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 760
     save_screenshot(page, tmp_path, "chat_phone.png")
+    assert errors == []
