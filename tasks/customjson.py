@@ -1,6 +1,6 @@
 """
 CustomJSON: conversations from a JSON Lines file you write yourself (e.g. the identity
-conversations made by dev/gen_identity_data.py), for mid-training and SFT mixtures.
+conversations of tasks/identity.py), for mid-training and SFT mixtures.
 
 Not for: evaluation (there is no reference to grade against) or tool-output checking.
 

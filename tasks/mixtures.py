@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from nanochat.common import get_base_dir
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture, hub_available
@@ -27,13 +26,13 @@ from tasks.customjson import CustomJSON
 from tasks.dictionary import DefineWord, DefinitionMC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
+from tasks.identity import ensure_identity_file
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 DATA_MODES = ("auto", "online", "offline")
 SPLITS = ("train", "val")
-IDENTITY_FILENAME = "identity_conversations.jsonl"
 
 MID_SIZES = {
     ("online", "train"): {"smoltalk": None, "mmlu": None, "gsm8k": None, "simple_spelling": 200_000, "spelling_bee": 80_000},
@@ -69,13 +68,11 @@ def resolve_data_mode(data):
     return "offline"
 
 
-def identity_path():
-    """Where the identity conversations live: $NANOCHAT_BASE_DIR/identity_conversations.jsonl."""
-    return os.path.join(get_base_dir(), IDENTITY_FILENAME)
-
-
 def _identity(path):
-    path = path or identity_path()
+    """The identity conversations of `path`, or of $NANOCHAT_BASE_DIR/identity_conversations.jsonl
+    (written with the defaults first if missing: tasks/identity.py) when path is None."""
+    if path is None:
+        return CustomJSON(ensure_identity_file())
     if not os.path.exists(path):
         raise FileNotFoundError(f"no identity conversations at {path}; generate them with "
                                 f"`python -m dev.gen_identity_data --output {path}` (then edit them as you like)")
@@ -119,11 +116,12 @@ def mid_mixture(data, split, sizes=None, identity=None, seed=42):
     online train: SmolTalk, MMLU auxiliary_train, GSM8K, identity (twice), SimpleSpelling,
     SpellingBee; online val: SmolTalk test, MMLU test, GSM8K test. offline: DefineWord,
     DefinitionMC, Arithmetic, SimpleSpelling, SpellingBee (+ identity twice in train).
-    identity: path of the identity JSONL (default identity_path()).
+    identity: path of the identity JSONL; default: $NANOCHAT_BASE_DIR/identity_conversations.jsonl,
+    generated with the defaults (tasks/identity.py) when missing.
 
     Raises:
         ValueError: unknown data, split or sizes key.
-        FileNotFoundError: (train) no identity conversations file.
+        FileNotFoundError: (train) no identity conversations at the `identity` path given.
         HubUnavailableError: (online) the Hub is unreachable.
     """
     _check(data, split)
