@@ -23,17 +23,18 @@ def _to_device(rows, device):
     return t.to(device, non_blocking=use_cuda)
 
 
-def packed_conversation_loader(tokenizer, dataset, B, T, device, rank=0, world_size=1, resume_state_dict=None):
-    """Yield (inputs, targets, state_dict) forever from `dataset` packed into rows of T tokens.
+def packed_conversation_loader(tokenizer, dataset, B, T, device, rank=0, world_size=1, loader_state=None):
+    """Yield (inputs, targets, loader_state) forever from `dataset` packed into rows of T tokens.
 
     Rank r renders conversations r, r + world_size, ... of `dataset` (any indexable of
     conversation dicts, e.g. a TaskMixture), looping over epochs. inputs, targets: (B, T) int64;
     targets[b, t] is the token after inputs[b, t], or -1 where that token is not produced by
     the assistant. Consecutive windows overlap by one token (as in dataloader.py).
 
-    state_dict = {"epoch", "index", "token_offset"}: the conversation holding the first token of
-    the next window and that token's index in its rendering. Rendering is deterministic, so a
-    loader started from a state dict yields exactly what the original would have yielded next.
+    loader_state = {"epoch", "index", "token_offset"}: the conversation holding the first token
+    of the next window and that token's index in its rendering. Rendering is deterministic, so a
+    loader started from a loader_state (None = the beginning) yields exactly what the original
+    would have yielded next.
 
     Raises:
         ValueError: `dataset` has fewer conversations than ranks.
@@ -42,8 +43,8 @@ def packed_conversation_loader(tokenizer, dataset, B, T, device, rank=0, world_s
     if n <= rank:
         raise ValueError(f"the conversation mixture has {n} conversations, too few for {world_size} processes")
     state = {"epoch": 0, "index": rank, "token_offset": 0}
-    if resume_state_dict is not None:
-        state = {k: int(resume_state_dict[k]) for k in state}
+    if loader_state is not None:
+        state = {k: int(loader_state[k]) for k in state}
     epoch, index = state["epoch"], state["index"]
     pending = deque()  # [(epoch, index, ids, mask)] rendered conversations with unconsumed tokens
     head_offset = state["token_offset"]
@@ -102,20 +103,20 @@ def collate_conversations(tokenizer, conversations, max_tokens, device):
     return _to_device(inputs, device), _to_device(targets, device)
 
 
-def sft_batches(tokenizer, dataset, B, max_tokens, device, rank=0, world_size=1, start=0):
-    """Yield (inputs, targets, next_start) forever: B conversations per batch, one per row.
+def sft_batches(tokenizer, dataset, B, max_tokens, device, rank=0, world_size=1, loader_state=0):
+    """Yield (inputs, targets, loader_state) forever: B conversations per batch, one per row.
 
-    The rank takes conversations rank, rank + world_size, ... of `dataset` (looping). `start`
-    counts conversations this rank already used (0 for a new run); next_start is the value to
-    resume from after this batch.
+    The rank takes conversations rank, rank + world_size, ... of `dataset` (looping). The
+    loader_state is the number of conversations this rank has used: pass 0 for a new run, or
+    a yielded loader_state to resume right after that batch.
     """
     n = len(dataset)
     if n <= rank:
         raise ValueError(f"the SFT mixture has {n} conversations, too few for {world_size} processes")
     per_rank = len(range(rank, n, world_size))
-    position = start
+    used = loader_state
     while True:
-        conversations = [dataset[rank + ((position + i) % per_rank) * world_size] for i in range(B)]
-        position += B
+        conversations = [dataset[rank + ((used + i) % per_rank) * world_size] for i in range(B)]
+        used += B
         inputs, targets = collate_conversations(tokenizer, conversations, max_tokens, device)
-        yield inputs, targets, position
+        yield inputs, targets, used

@@ -1,6 +1,7 @@
 """
-Checkpoints of every training stage: save and load model + optimizer + metadata, find the
-largest model tag and the last step, and rebuild a GPT from a checkpoint.
+Checkpoints of every training stage: save and load model + optimizer + metadata, save and
+restore a whole training run for an exact resume, find the largest model tag and the last
+step, and rebuild a GPT from a checkpoint.
 
 Layout (one directory per stage and model tag, under $NANOCHAT_BASE_DIR):
     {base,mid,chatsft,chatrl}_checkpoints/<model_tag>/
@@ -12,8 +13,8 @@ Every file is written to a temporary name in the same directory, fsynced and ren
 the meta file is written last: a step counts as saved only once its meta file exists, so a
 crash mid-save leaves the previous step as the last complete checkpoint.
 
-Not for: deciding when to save or what goes into the meta (the stage scripts do that), or
-downloading checkpoints.
+Not for: deciding when to save (training.should_save) or what goes into the meta (the stage
+scripts do that), or downloading checkpoints.
 """
 
 import base64
@@ -25,17 +26,18 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import atomic_write, get_base_dir, get_dist_info, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
-# source name -> (directory under $NANOCHAT_BASE_DIR, the script that writes it)
-SOURCES = {
+# stage -> (its checkpoints directory under $NANOCHAT_BASE_DIR, the script that writes it)
+STAGE_DIRS = {
     "base": ("base_checkpoints", "scripts.base_train"),
     "mid": ("mid_checkpoints", "scripts.mid_train"),
     "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
 }
+SOURCES = STAGE_DIRS  # the old name, still imported by scripts/chat_web.py and scripts/chat_cli.py
 META_PATTERN = re.compile(r"meta_(\d+)\.json")
 
 
@@ -60,27 +62,6 @@ def _fsync_dir(dir_path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path, write):
-    """Call write(file) on a temporary file next to `path`, fsync it, rename it onto `path`.
-
-    Readers see the old file or the complete new one; on an exception the temporary file is
-    removed. (After a SIGKILL it stays behind as .<name>.<pid>.tmp, which nothing reads.)
-    """
-    dir_path = os.path.dirname(path)
-    tmp_path = os.path.join(dir_path, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp_path, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(dir_path)
 
 
 def _barrier():
@@ -134,13 +115,12 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             _fsync_dir(checkpoint_dir)
     _barrier()
     if rank == 0:
-        _atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+        atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        _atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+        atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
     _barrier()
     if rank == 0:
-        _atomic_write(_meta_path(checkpoint_dir, step), lambda f: f.write(meta_bytes))
+        atomic_write(_meta_path(checkpoint_dir, step), meta_bytes)
 
 
 def list_steps(checkpoint_dir):
@@ -247,6 +227,12 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, tokenizer, meta
 
 
+def get_checkpoint_dir(stage, model_tag):
+    """Where `stage` ("base", "mid", "sft", "rl") keeps the checkpoints of `model_tag`:
+    $NANOCHAT_BASE_DIR/<STAGE_DIRS[stage][0]>/<model_tag>."""
+    return os.path.join(get_base_dir(), STAGE_DIRS[stage][0], model_tag)
+
+
 def load_model(source, device, phase, model_tag=None, step=None):
     """Load a stage's model: (model, tokenizer, meta), and print which file it loaded.
 
@@ -256,14 +242,19 @@ def load_model(source, device, phase, model_tag=None, step=None):
         model_tag: e.g. "d20"; default: find_largest_model.
         step: default: find_last_step.
 
+    Returns:
+        (model, tokenizer, meta): meta is the checkpoint's meta dict (with "step"), plus
+        meta["model_tag"], the tag this call resolved (the one given, or the largest), which
+        is not stored in the file. A later stage writes its checkpoints under that tag.
+
     Raises:
         ValueError: unknown source, or see build_model.
         FileNotFoundError: no checkpoints for the source / tag / step; the message names the
             script that writes them or lists the available steps.
     """
-    if source not in SOURCES:
-        raise ValueError(f"unknown checkpoint source {source!r}; pick one of {sorted(SOURCES)}")
-    dir_name, script = SOURCES[source]
+    if source not in STAGE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; pick one of {sorted(STAGE_DIRS)}")
+    dir_name, script = STAGE_DIRS[source]
     checkpoints_dir = os.path.join(get_base_dir(), dir_name)
     tags = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
     complete_tags = sorted(t for t in tags if list_steps(os.path.join(checkpoints_dir, t)))
@@ -279,7 +270,59 @@ def load_model(source, device, phase, model_tag=None, step=None):
         step = find_last_step(checkpoint_dir)
     model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase)
     print0(f"Loaded {source} model {model_tag} step {step} from {_model_path(checkpoint_dir, step)}")
-    return model, tokenizer, meta
+    return model, tokenizer, {**meta, "model_tag": model_tag}
+
+
+def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_state):
+    """Checkpoint a training run after `step` optimizer steps, so that it can resume exactly,
+    and print where.
+
+    A collective under torch.distributed (every rank calls it): each rank's loader_state (its
+    data position) is gathered into meta["dataloader_state"] (a list indexed by rank), each
+    rank saves its own optimizer shard, and rank 0 saves the model, the RNG states and the
+    meta. `model` is the uncompiled module (clean state_dict names); `meta` must hold
+    "model_config" (save_checkpoint's contract).
+    """
+    ddp, rank, _, world_size = get_dist_info()
+    loader_states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(loader_states, loader_state)
+    else:
+        loader_states[0] = loader_state
+    meta = {**meta, "dataloader_state": loader_states, "rng_state": capture_rng_state()}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=rank)
+    print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+
+def load_training_state(checkpoint_dir, step, model, optimizers, device):
+    """Restore model, optimizers and RNG from a save_training_state checkpoint, in place, and
+    print which one. step None = the last complete checkpoint in checkpoint_dir.
+
+    Returns (step, meta, loader_state): loader_state is this rank's data position.
+
+    Raises:
+        FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are).
+        ValueError: the checkpoint was written by a different number of processes, or its
+            model does not fit `model` (the message names both shapes).
+    """
+    _, rank, _, world_size = get_dist_info()
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    saved_world = len(meta["dataloader_state"])
+    if saved_world != world_size:
+        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and this "
+                         f"run has {world_size}; resume with --nproc_per_node={saved_world}")
+    if meta["model_config"] != model.config.__dict__:
+        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} holds a {meta['model_config']} model, but this "
+                         f"run builds {model.config.__dict__}; use the flags of the original run")
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
+    for opt, state in zip(optimizers, optim_data):
+        opt.load_state_dict(state)
+    restore_rng_state(meta["rng_state"])
+    print0(f"resumed from {checkpoint_dir} step {step}")
+    return step, meta, meta["dataloader_state"][rank]
 
 
 def capture_rng_state():
@@ -317,13 +360,13 @@ def find_default_source():
     """
     base_dir = get_base_dir()
     for source in ("rl", "sft", "mid", "base"):
-        checkpoints_dir = os.path.join(base_dir, SOURCES[source][0])
+        checkpoints_dir = os.path.join(base_dir, STAGE_DIRS[source][0])
         tags = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
         if any(list_steps(os.path.join(checkpoints_dir, t)) for t in tags):
             return source
     raise FileNotFoundError(f"no model checkpoints under {base_dir} (looked in base_checkpoints, mid_checkpoints, "
-                            f"chatsft_checkpoints, chatrl_checkpoints); train one first: `python -m {SOURCES['base'][1]}`, "
-                            f"then `python -m {SOURCES['mid'][1]}` and `python -m {SOURCES['sft'][1]}` for a chat model "
+                            f"chatsft_checkpoints, chatrl_checkpoints); train one first: `python -m {STAGE_DIRS['base'][1]}`, "
+                            f"then `python -m {STAGE_DIRS['mid'][1]}` and `python -m {STAGE_DIRS['sft'][1]}` for a chat model "
                             "(or set NANOCHAT_BASE_DIR to the directory that holds your checkpoints)")
 
 

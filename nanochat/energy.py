@@ -16,6 +16,9 @@ Two ways to measure, the first the GPU supports:
 Without NVML or a GPU `available` is False and every reading is None, so the caller needs no
 branch of its own. API: https://docs.nvidia.com/deploy/nvml-api/group__nvmlDeviceQueries.html
 
+StageClock adds a stage's wall time to that, both accumulated in the training loop's
+loop_state so that a resumed run reports the total over all of its attempts.
+
 Not for: CPU or whole-system power (NVML sees the GPU only; on GB10 the CPU shares the
 package, so the figure is what the driver attributes to the GPU), or for the electricity price
 (report.py multiplies).
@@ -152,3 +155,36 @@ class EnergyMeter:
         if self._thread is not None:
             self._stop_event.set()
             self._thread.join()
+
+
+class StageClock:
+    """A stage's wall time (s) and GPU energy (Wh, via NVML when available) for the report card,
+    accumulated in `loop_state` so that a resumed run reports the total over all its attempts.
+
+    Call update() before each checkpoint save (so the totals travel with the checkpoint) and
+    report_items() at the end for the two keys report.py sums: "wall time (s)", "energy (Wh)".
+    """
+
+    def __init__(self, loop_state, device_index=0):
+        self.loop_state = loop_state
+        loop_state.setdefault("wall_time_s", 0.0)
+        loop_state.setdefault("energy_wh", 0.0)
+        self.meter = EnergyMeter(device_index=device_index)
+        self.meter.start()
+        self.last_time, self.last_wh = time.time(), 0.0
+
+    def update(self):
+        """Add the wall time and energy since the last update to loop_state."""
+        now, wh = time.time(), self.meter.elapsed_wh()
+        self.loop_state["wall_time_s"] += now - self.last_time
+        if wh is not None:
+            self.loop_state["energy_wh"] += wh - self.last_wh
+            self.last_wh = wh
+        self.last_time = now
+
+    def report_items(self):
+        """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report."""
+        self.update()
+        wh = self.meter.stop()
+        return {"wall time (s)": round(self.loop_state["wall_time_s"], 1),
+                "energy (Wh)": energy_for_report(self.loop_state["energy_wh"] if wh is not None else None)}

@@ -6,19 +6,23 @@ tokenizer, so models with different vocabularies can be compared.
 
 Both sums run over the targets that stand for text: special tokens (byte length 0, e.g.
 <|bos|>) and ignored targets (-1) count in neither. Under torch.distributed both sums are
-all-reduced before the division, so every rank returns the bpb of all ranks' tokens.
+all-reduced before the division, so every rank returns the bpb of all ranks' tokens. A long
+evaluation prints a progress line (batches done/total, ETA) every 30 s.
 
 Not for: the CORE metric (core_eval.py) or chat task accuracy (scripts/chat_eval.py).
 """
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
+from nanochat.common import format_duration, print0
+
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, progress_every_s=30.0):
     """Bits per byte of `model` over the next `steps` batches of `batches`.
 
     Args:
@@ -30,6 +34,9 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         steps: how many batches to take (the same on every rank).
         token_bytes: (vocab_size,) int tensor, each token's UTF-8 byte length, 0 for special
             tokens (nanochat.tokenizer.get_token_bytes).
+        progress_every_s: print (rank 0) "evaluate_bpb: 120/1000 batches (12%) | 31s | eta 3m47s"
+            each time this many seconds have passed since the start or the last such line, so
+            an evaluation that ends sooner prints nothing.
 
     Returns:
         float, bits per byte.
@@ -39,6 +46,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     """
     if steps <= 0:
         raise ValueError(f"evaluate_bpb: steps must be positive, got {steps}")
+    t0 = last_print = time.perf_counter()
     for step in range(steps):
         batch = next(batches, None)
         if batch is None:
@@ -57,6 +65,13 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = num_bytes > 0
         total_nats += torch.where(counted, loss.to(acc_dtype), 0).sum()
         total_bytes += num_bytes.sum()
+        now = time.perf_counter()
+        if now - last_print >= progress_every_s and step + 1 < steps:
+            # the device may still be working through queued batches: the ETA errs on the short side
+            eta = (now - t0) / (step + 1) * (steps - step - 1)
+            print0(f"evaluate_bpb: {step + 1}/{steps} batches ({100 * (step + 1) / steps:.0f}%) | "
+                   f"{format_duration(now - t0)} | eta {format_duration(eta)}")
+            last_print = now
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)

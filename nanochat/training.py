@@ -1,20 +1,135 @@
 """
-The pieces every training stage (base, mid, SFT, RL) shares: the LR schedule, the Muon
-momentum ramp, and the per-step progress line (loss, lr, dt, tok/s, MFU, ETA).
+What every training loop (base, mid, SFT, RL) shares: the stage setup (device, dtype,
+autocast, peak FLOPs, wandb run, report, checkpoint dir, model tag) and the torch.compile
+policy, the LR schedule and Muon momentum ramp, when to checkpoint, the loss log (smoothing,
+non-finite stop), the progress meter (unit, MFU, ETA), the prefetching batch loader and the
+optimizer step. The evaluation scripts use the compute part of the setup (init_compute).
 
-Not for: the training loops themselves (each stage's script owns its recipe) or checkpoints
-(checkpoint_manager.py).
+Not for: the training loops themselves (each stage's script owns its recipe), checkpoint files
+and resume (checkpoint_manager.py), or a stage's wall time and energy (energy.StageClock).
 """
 
+import math
+import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, load_checkpoint, restore_rng_state,
-                                         save_checkpoint)
-from nanochat.common import get_dist_info, print0
-from nanochat.energy import EnergyMeter, energy_for_report
+from nanochat.checkpoint_manager import get_checkpoint_dir
+from nanochat.common import (autodetect_dtype, compute_init, format_duration, get_peak_flops, init_wandb,
+                             print0)
+from nanochat.report import get_report
+
+# stage -> wandb project of its runs
+WANDB_PROJECTS = {"base": "nanochat", "mid": "nanochat-mid", "sft": "nanochat-sft", "rl": "nanochat-rl"}
+
+
+# -----------------------------------------------------------------------------
+# Stage setup
+
+@dataclass
+class Compute:
+    """Where and how this process computes (what init_compute returns).
+
+    peak_flops: bf16 peak FLOP/s of all processes together (for MFU), None when unknown
+    (CPU, MPS, or a GPU missing from common.GPU_PEAK_FLOPS_BF16). autocast_ctx: a reusable
+    context for the forward passes (bf16 autocast, or nothing in fp32). synchronize(): waits
+    for the device's queued work (a no-op off CUDA), for honest step timings.
+    """
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    autocast_ctx: Any
+    synchronize: Callable[[], None]
+    peak_flops: Optional[float]
+
+    @property
+    def master_process(self):
+        return self.rank == 0
+
+
+def init_compute(device_type=None):
+    """Initialise the process (common.compute_init: seeds, torchrun) and pick the precision.
+
+    Returns a Compute. Raises ValueError for an unknown or unavailable device_type.
+    """
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    dtype = autodetect_dtype(device.type)
+    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return Compute(ddp, rank, local_rank, world_size, device, dtype, autocast_ctx, synchronize,
+                   peak * world_size if peak else None)
+
+
+def should_compile(flag, device_type):
+    """The torch.compile policy of every training stage: --compile / --no-compile when given
+    (flag True/False), else on for CUDA and off elsewhere (on CPU and MPS the compile time
+    outweighs the gain for the small models trained there)."""
+    return device_type == "cuda" if flag is None else flag
+
+
+@dataclass
+class Stage(Compute):
+    """A training stage's setup (what setup_stage returns): its Compute plus the stage name
+    ("base", "mid", "sft", "rl"), whether to torch.compile, the wandb run, the report and
+    the model tag its checkpoints go under.
+
+    The chat stages learn their tag from the checkpoint they start from: set
+    stage.model_tag = meta["model_tag"] after checkpoint_manager.load_model.
+    """
+    name: str
+    use_compile: bool
+    wandb_run: Any
+    report: Any
+    model_tag: Optional[str] = None
+
+    @property
+    def checkpoint_dir(self):
+        """$NANOCHAT_BASE_DIR/<stage's checkpoints dir>/<model_tag>."""
+        assert self.model_tag is not None, "set stage.model_tag before using its checkpoint_dir"
+        return get_checkpoint_dir(self.name, self.model_tag)
+
+
+def setup_stage(name, device_type, run, user_config, compile_flag=None, model_tag=None):
+    """Set up a training stage: init_compute, the compile decision (should_compile), the
+    wandb run (`run`, "dummy" = none, in WANDB_PROJECTS[name]) and the report; print the
+    device line. Returns a Stage.
+
+    Raises ValueError for an unknown or unavailable device_type.
+    """
+    compute = init_compute(device_type)
+    use_compile = should_compile(compile_flag, compute.device.type)
+    print0(f"device: {compute.device} x {compute.world_size} | dtype: {compute.dtype} | compile: {use_compile}")
+    return Stage(**vars(compute), name=name, use_compile=use_compile,
+                 wandb_run=init_wandb(run, WANDB_PROJECTS[name], user_config, compute.rank), report=get_report(),
+                 model_tag=model_tag)
+
+
+# -----------------------------------------------------------------------------
+# Batch and schedules
+
+def get_grad_accum_steps(total_flag, total, per_pass):
+    """How many forward/backward passes make up one optimizer step: total / the product of
+    per_pass, e.g. get_grad_accum_steps("--total-batch-size", 524288, {"--device-batch-size": 32,
+    "--max-seq-len": 2048, "processes": 1}) = 8.
+
+    Raises:
+        ValueError: total is not a multiple of that product (the message names the flags).
+    """
+    per_step = math.prod(per_pass.values())
+    if total % per_step != 0:
+        raise ValueError(f"{total_flag} {total} is not a multiple of {' x '.join(per_pass)} = "
+                         f"{' x '.join(str(v) for v in per_pass.values())} = {per_step}; pick sizes that divide it")
+    return total // per_step
+
 
 
 def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
@@ -49,31 +164,63 @@ def set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum=None):
                 group["momentum"] = muon_momentum
 
 
-def format_duration(seconds):
-    """12345 -> '3h25m45s'; '?' for None."""
-    if seconds is None:
-        return "?"
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+def should_save(step, start_step, last_step, save_every):
+    """Whether to checkpoint the model as it is after `step` optimizer steps: at the last step
+    and every save_every steps (save_every <= 0: only at the last), never at start_step (the
+    step the run started or resumed from, which needs no new checkpoint)."""
+    return step > start_step and (last_step or (save_every > 0 and step % save_every == 0))
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+class LossLog:
+    """The training loss as the progress line shows it: an exponential moving average (beta
+    0.9) divided by 1 - beta^(steps), the bias correction that keeps the first steps from
+    being pulled towards the average's start at 0 (as Adam does for its moments).
+
+    The average lives in loop_state["smooth_train_loss"], which travels with each checkpoint,
+    so a resumed run continues the curve exactly. A non-finite loss stops the run with a
+    message that names the step and `hint` (what the user can change).
+    """
+
+    def __init__(self, loop_state, script, hint, beta=0.9):
+        self.loop_state, self.script, self.hint, self.beta = loop_state, script, hint, beta
+        loop_state.setdefault("smooth_train_loss", 0.0)
+
+    def update(self, step, loss):
+        """Add the loss of optimizer step `step` (0-based) and return the smoothed loss.
+
+        Raises:
+            SystemExit: the loss is NaN or infinite.
+        """
+        if not math.isfinite(loss):
+            sys.exit(f"{self.script}: the loss became {loss} at step {step + 1}; {self.hint}")
+        self.loop_state["smooth_train_loss"] = self.beta * self.loop_state["smooth_train_loss"] + (1 - self.beta) * loss
+        return self.loop_state["smooth_train_loss"] / (1 - self.beta ** (step + 1))
 
 
 class ProgressMeter:
     """Times training steps and formats the per-step progress line.
 
+    unit, units_per_step: the throughput shown, e.g. "tok/s" with the tokens of a step, or
+    "conversations/s" with its conversations; None = timing and ETA only. flops_per_unit
+    (GPT.estimate_flops() for tokens) and peak_flops give MFU = achieved FLOP/s / peak FLOP/s
+    (PaLM paper, appendix B), shown as "n/a" when either is unknown (CPU, a GPU missing from
+    common.GPU_PEAK_FLOPS_BF16, or SFT's conversations of varying length).
+
     The first `skip_steps` steps (torch.compile warm-up, allocator growth) are excluded from the
-    speed estimate, so the ETA and MFU reflect steady state. MFU = achieved FLOP/s / peak FLOP/s,
-    with FLOPs per token from GPT.estimate_flops() (PaLM paper, appendix B); "n/a" when the GPU's
-    peak is unknown (CPU, or a GPU missing from common.GPU_PEAK_FLOPS_BF16).
+    speed estimate, so the ETA and MFU reflect steady state.
     """
 
-    def __init__(self, num_steps, tokens_per_step, flops_per_token, peak_flops, start_step=0, skip_steps=2):
+    def __init__(self, num_steps, start_step=0, unit=None, units_per_step=None, flops_per_unit=None, peak_flops=None,
+                 skip_steps=2):
         self.num_steps = num_steps
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
         self.start_step = start_step
+        self.unit = unit
+        self.units_per_step = units_per_step
+        self.flops_per_unit = flops_per_unit
+        self.peak_flops = peak_flops
         self.skip_steps = skip_steps
         self.timed_steps = 0
         self.timed_seconds = 0.0
@@ -97,15 +244,15 @@ class ProgressMeter:
         """Mean steady-state seconds per step, or None before any timed step."""
         return self.timed_seconds / self.timed_steps if self.timed_steps else None
 
-    def tokens_per_second(self, dt):
-        """Tokens (or, for SFT, conversations) per second for a step of dt seconds."""
-        return self.tokens_per_step / dt
+    def rate(self, dt):
+        """Units (tokens, conversations, ...) per second for a step of dt seconds."""
+        return self.units_per_step / dt
 
     def mfu(self, dt):
         """Model FLOPs utilisation in percent for a step of dt seconds, or None when unknown."""
-        if not self.peak_flops:
+        if not (self.peak_flops and self.flops_per_unit):
             return None
-        return 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak_flops
+        return 100 * self.flops_per_unit * self.units_per_step / dt / self.peak_flops
 
     def eta_seconds(self, step):
         """Seconds left after finishing `step`, at the steady-state speed; None before it is known."""
@@ -113,81 +260,36 @@ class ProgressMeter:
         return None if sps is None else sps * (self.num_steps - step - 1)
 
     def line(self, step, loss, lr_multiplier, dt):
-        """'step 00012/00100 (12.00%) | loss 5.123 | lrm 1.00 | dt 812ms | tok/s 80,123 | mfu 45.1% | eta 1m12s'."""
-        mfu = self.mfu(dt)
-        mfu_str = "n/a" if mfu is None else f"{mfu:.1f}%"
+        """'step 00012/00100 (12.00%) | loss 5.123456 | lrm 1.00 | dt 812ms | tok/s 80,123 | mfu 45.1% | eta 1m12s'."""
         pct = 100 * (step + 1) / self.num_steps
-        return (f"step {step + 1:05d}/{self.num_steps:05d} ({pct:.2f}%) | loss {loss:.6f} | lrm {lr_multiplier:.2f} "
-                f"| dt {dt * 1000:.0f}ms | tok/s {self.tokens_per_second(dt):,.0f} | mfu {mfu_str} "
-                f"| eta {format_duration(self.eta_seconds(step))}")
+        line = (f"step {step + 1:05d}/{self.num_steps:05d} ({pct:.2f}%) | loss {loss:.6f} | lrm {lr_multiplier:.2f} "
+                f"| dt {dt * 1000:.0f}ms")
+        if self.unit is not None:
+            mfu = self.mfu(dt)
+            line += f" | {self.unit} {self.rate(dt):,.0f} | mfu {'n/a' if mfu is None else f'{mfu:.1f}%'}"
+        return line + f" | eta {format_duration(self.eta_seconds(step))}"
 
 
-def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_state):
-    """Checkpoint a training run after `step` optimizer steps, so that it can resume exactly.
-
-    A collective under torch.distributed (every rank calls it): each rank's data position is
-    gathered into meta["dataloader_state"] (a list indexed by rank), each rank saves its own
-    optimizer shard, and rank 0 saves the model, the RNG states and the meta. `meta` must hold
-    "model_config" (checkpoint_manager.save_checkpoint's contract).
-    """
-    ddp, rank, _, world_size = get_dist_info()
-    loader_states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(loader_states, loader_state)
-    else:
-        loader_states[0] = loader_state
-    meta = {**meta, "dataloader_state": loader_states, "rng_state": capture_rng_state()}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=rank)
-
-
-def load_training_state(checkpoint_dir, step, model, optimizers, device):
-    """Restore model, optimizers and RNG from a save_training_state checkpoint, in place, and
-    print which one. step None = the last complete checkpoint in checkpoint_dir.
-
-    Returns (step, meta, loader_state): loader_state is this rank's data position.
-
-    Raises:
-        FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are).
-        ValueError: the checkpoint was written by a different number of processes, or its
-            model does not fit `model` (the message names both shapes).
-    """
-    _, rank, _, world_size = get_dist_info()
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-    saved_world = len(meta["dataloader_state"])
-    if saved_world != world_size:
-        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and this "
-                         f"run has {world_size}; resume with --nproc_per_node={saved_world}")
-    if meta["model_config"] != model.config.__dict__:
-        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} holds a {meta['model_config']} model, but this "
-                         f"run builds {model.config.__dict__}; use the flags of the original run")
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
-    for opt, state in zip(optimizers, optim_data):
-        opt.load_state_dict(state)
-    restore_rng_state(meta["rng_state"])
-    print0(f"resumed from {checkpoint_dir} step {step}")
-    return step, meta, meta["dataloader_state"][rank]
-
+# -----------------------------------------------------------------------------
+# Data and the optimizer step
 
 class PrefetchingLoader:
-    """Hands out (inputs, targets) from a loader that yields (inputs, targets, state), one batch ahead.
+    """Hands out (inputs, targets) from a loader that yields (inputs, targets, loader_state), one batch ahead.
 
     The next batch is fetched right after a batch is handed out, so the host prepares it while
-    the device computes. `state` is always the position after the last batch handed out (what
-    a checkpoint must store); it starts as `resume_state` (None = the beginning).
+    the device computes. `loader_state` is always the position after the last batch handed out
+    (what a checkpoint must store); it starts as the `loader_state` given (None = the beginning).
     """
 
-    def __init__(self, loader, resume_state=None):
+    def __init__(self, loader, loader_state=None):
         self.loader = loader
-        self.state = resume_state
+        self.loader_state = loader_state
         self._batch = next(loader)
 
     def next(self):
-        """The next (inputs, targets); afterwards `state` is the position right after them."""
-        inputs, targets, state = self._batch
-        self.state = state
+        """The next (inputs, targets); afterwards `loader_state` is the position right after them."""
+        inputs, targets, loader_state = self._batch
+        self.loader_state = loader_state
         self._batch = next(self.loader)
         return inputs, targets
 
@@ -222,36 +324,3 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
         dist.all_reduce(train_loss)  # SUM: gloo has no AVG
         train_loss /= dist.get_world_size()
     return train_loss.item()
-
-
-class StageClock:
-    """A stage's wall time (s) and GPU energy (Wh, via NVML when available) for the report card,
-    accumulated in `loop_state` so that a resumed run reports the total over all its attempts.
-
-    Call update() before each checkpoint save (so the totals travel with the checkpoint) and
-    report_items() at the end for the two keys report.py sums: "wall time (s)", "energy (Wh)".
-    """
-
-    def __init__(self, loop_state, device_index=0):
-        self.loop_state = loop_state
-        loop_state.setdefault("wall_time_s", 0.0)
-        loop_state.setdefault("energy_wh", 0.0)
-        self.meter = EnergyMeter(device_index=device_index)
-        self.meter.start()
-        self.last_time, self.last_wh = time.time(), 0.0
-
-    def update(self):
-        """Add the wall time and energy since the last update to loop_state."""
-        now, wh = time.time(), self.meter.elapsed_wh()
-        self.loop_state["wall_time_s"] += now - self.last_time
-        if wh is not None:
-            self.loop_state["energy_wh"] += wh - self.last_wh
-            self.last_wh = wh
-        self.last_time = now
-
-    def report_items(self):
-        """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report."""
-        self.update()
-        wh = self.meter.stop()
-        return {"wall time (s)": round(self.loop_state["wall_time_s"], 1),
-                "energy (Wh)": energy_for_report(self.loop_state["energy_wh"] if wh is not None else None)}

@@ -13,14 +13,12 @@ $NANOCHAT_BASE_DIR/base_eval/<model_tag>_<step>.csv and to the report.
 import csv
 import os
 import sys
-from contextlib import nullcontext
 
-import torch
-
-from nanochat.checkpoint_manager import find_largest_model, load_model
-from nanochat.common import ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import ArgumentParser, compute_cleanup, get_base_dir, print0
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core, format_core_table
 from nanochat.report import get_report
+from nanochat.training import init_compute
 
 # Flags
 parser = ArgumentParser(description="CORE metric of a base model")
@@ -32,21 +30,18 @@ args = parser.parse_args()
 
 # Setup: the bundle first, so an offline machine fails before spending time on the model
 try:
-    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
-    ensure_eval_bundle(device)
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    compute = init_compute(args.device_type)
+    ensure_eval_bundle(compute.device)
+    model, tokenizer, meta = load_model("base", compute.device, phase="eval", model_tag=args.model_tag, step=args.step)
 except (ValueError, FileNotFoundError, EvalBundleError) as e:
     sys.exit(f"base_eval: {e}")
-dtype = autodetect_dtype(device.type)
-autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-# the tag load_model picked
-model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), "base_checkpoints"))
-print0(f"CORE of base model {model_tag} step {meta['step']} | device {device} x {ddp_world_size} | dtype {dtype} | "
-       f"max per task: {'all' if args.max_per_task <= 0 else args.max_per_task}")
+device, model_tag = compute.device, meta["model_tag"]
+print0(f"CORE of base model {model_tag} step {meta['step']} | device {device} x {compute.world_size} | "
+       f"dtype {compute.dtype} | max per task: {'all' if args.max_per_task <= 0 else args.max_per_task}")
 
 # CORE
 try:
-    with autocast_ctx:
+    with compute.autocast_ctx:
         out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
 except EvalBundleError as e:
     sys.exit(f"base_eval: {e}")
@@ -55,7 +50,7 @@ print0(table)
 print0(f"CORE metric: {out['core_metric']:.4f}")
 
 # Results: CSV and report (rank 0)
-if ddp_rank == 0:
+if compute.master_process:
     out_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{model_tag}_{meta['step']:06d}.csv")

@@ -8,17 +8,15 @@ greedy samples.
 """
 
 import sys
-from contextlib import nullcontext
-
-import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, print0
+from nanochat.common import ArgumentParser, compute_cleanup, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.training import init_compute
 
 # Flags
 parser = ArgumentParser(description="Bits per byte of a base model on the train/val splits, and samples")
@@ -31,15 +29,14 @@ args = parser.parse_args()
 
 # Setup
 try:
-    ddp, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    compute = init_compute(args.device_type)
+    model, tokenizer, meta = load_model("base", compute.device, phase="eval", model_tag=args.model_tag, step=args.step)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"base_loss: {e}")
-dtype = autodetect_dtype(device.type)
-autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+device, autocast_ctx = compute.device, compute.autocast_ctx
 seq_len = model.config.sequence_len
 token_bytes = get_token_bytes(device=device)
-tokens_per_step = args.device_batch_size * seq_len * ddp_world_size
+tokens_per_step = args.device_batch_size * seq_len * compute.world_size
 steps = max(1, args.split_tokens // tokens_per_step)
 
 # Bits per byte on each split
@@ -52,7 +49,7 @@ for split in ("train", "val"):
 
 # Samples (rank 0)
 samples = []
-if ddp_rank == 0:
+if compute.master_process:
     engine = Engine(model, tokenizer)
     for prompt in ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
                    "If yesterday was Friday, then tomorrow will be", "The planets of the solar system are:",
@@ -65,7 +62,7 @@ if ddp_rank == 0:
 
 # Report
 get_report().log("Base model loss", [
-    {"model": f"{meta['user_config'].get('model_tag') or 'd' + str(meta['model_config']['n_layer'])} step {meta['step']}",
+    {"model": f"{meta['model_tag']} step {meta['step']}",
      "train bpb": bpb["train"], "val bpb": bpb["val"], "tokens per split": steps * tokens_per_step},
     "Samples:\n\n" + "\n".join(f"- `{s!r}`" for s in samples),
 ])

@@ -11,25 +11,21 @@ it continues exactly where the killed run was (bit-identical on CPU).
 """
 
 import argparse
-import math
-import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import prune_checkpoints
-from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
-                             get_peak_flops, init_wandb, print0)
+from nanochat.checkpoint_manager import load_training_state, prune_checkpoints, save_training_state
+from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
+from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
-                               get_muon_momentum, load_training_state, save_training_state, StageClock, train_step)
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, get_lr_multiplier,
+                               get_muon_momentum, setup_stage, should_save, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -72,21 +68,14 @@ args = parser.parse_args()
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
-# Compute setup
+# Stage setup: device, precision, compile, wandb, report, checkpoint dir
 try:
-    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = compute_init(args.device_type)
+    stage = setup_stage("base", args.device_type, args.run, user_config, compile_flag=args.compile,
+                        model_tag=args.model_tag or f"d{args.depth}")
 except ValueError as e:
     sys.exit(f"base_train: {e}")
-master_process = ddp_rank == 0
-device_type = device.type
-dtype = autodetect_dtype(device_type)
-autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
-use_compile = args.compile if args.compile is not None else device_type == "cuda"
-wandb_run = init_wandb(args.run, "nanochat", user_config, ddp_rank)
-report = get_report()
-print0(f"device: {device} x {ddp_world_size} | dtype: {dtype} | compile: {use_compile}")
+device, world_size, autocast_ctx = stage.device, stage.world_size, stage.autocast_ctx
+checkpoint_dir = stage.checkpoint_dir
 
 # Tokenizer
 try:
@@ -109,17 +98,14 @@ model.init_weights()
 orig_model = model  # the uncompiled module: its state_dict has clean names, and it handles variable shapes
 num_params = model.num_scaling_params()
 flops_per_token = model.estimate_flops()
-model_tag = args.model_tag or f"d{args.depth}"
-checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 
 # Batch: gradient accumulation makes up total_batch_size from device batches on every process
-tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-world_tokens_per_fwdbwd = tokens_per_fwdbwd * ddp_world_size
-if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-    sys.exit(f"base_train: --total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
-             f"--max-seq-len x processes = {args.device_batch_size} x {args.max_seq_len} x {ddp_world_size} = "
-             f"{world_tokens_per_fwdbwd}; pick sizes that divide it")
-grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+try:
+    grad_accum_steps = get_grad_accum_steps("--total-batch-size", args.total_batch_size, {
+        "--device-batch-size": args.device_batch_size, "--max-seq-len": args.max_seq_len, "processes": world_size})
+except ValueError as e:
+    sys.exit(f"base_train: {e}")
+world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
 
 # Horizon
 if args.num_iterations > 0:
@@ -160,8 +146,8 @@ if args.resume or args.resume_from_step >= 0:
     start_step = resume_step
     loop_state = meta["loop_state"]
 
-if use_compile:
-    model = torch.compile(model, dynamic=False)
+if stage.use_compile:
+    model = torch.compile(model, dynamic=False)  # every batch has the same (B, T) shape
 
 # Data
 train_batches = PrefetchingLoader(tokenizing_distributed_data_loader(
@@ -175,11 +161,11 @@ def build_val_loader():
 
 # -----------------------------------------------------------------------------
 # The plan
-print0(f"model: {model_tag} | depth {args.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
+print0(f"model: {stage.model_tag} | depth {args.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
        f"vocab {vocab_size} | seq {args.max_seq_len}")
 print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
 print0(f"batch: {args.total_batch_size:,} tokens per step = {args.device_batch_size} x {args.max_seq_len} x "
-       f"{ddp_world_size} processes x {grad_accum_steps} accumulation steps")
+       f"{world_size} processes x {grad_accum_steps} accumulation steps")
 print0(f"horizon ({horizon}): {num_iterations:,} steps, {total_tokens:,} tokens "
        f"({total_tokens / num_params:.1f} tokens per parameter), {flops_per_token * total_tokens:e} FLOPs")
 core_metric_every = args.core_metric_every
@@ -190,9 +176,11 @@ if core_metric_every > 0:
         print0(f"warning: {e}; training goes on without the CORE metric")
         core_metric_every = -1
 
-clock = StageClock(loop_state, device_index=ddp_local_rank)
-meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
-                      peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
+clock = StageClock(loop_state, device_index=stage.local_rank)
+loss_log = LossLog(loop_state, "base_train", "lower the learning rates or resume from an earlier checkpoint with "
+                   "--resume-from-step")
+meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=args.total_batch_size,
+                      flops_per_unit=flops_per_token, peak_flops=stage.peak_flops)
 
 
 def save(step):
@@ -204,9 +192,8 @@ def save(step):
         "max_seq_len": args.max_seq_len,
     }
     clock.update()
-    save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.state)
-    print0(f"saved checkpoint {checkpoint_dir} step {step}")
-    if master_process and args.keep_checkpoints > 0:
+    save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.loader_state)
+    if stage.master_process and args.keep_checkpoints > 0:
         prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
 
@@ -225,8 +212,8 @@ for step in range(start_step, num_iterations + 1):
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-        report.log_metrics("base", step, val_bpb=val_bpb)
-        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        stage.report.log_metrics("base", step, val_bpb=val_bpb)
+        stage.wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
 
     # CORE metric, on the uncompiled model: every example has its own shape
@@ -236,12 +223,12 @@ for step in range(start_step, num_iterations + 1):
             core_out = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
         loop_state["core_metric"] = core_out["core_metric"]
         print0(f"step {step:05d} | CORE metric: {core_out['core_metric']:.4f}")
-        wandb_run.log({"step": step, "core_metric": core_out["core_metric"],
+        stage.wandb_run.log({"step": step, "core_metric": core_out["core_metric"],
                        **{f"core/{k}": v for k, v in core_out["centered_results"].items()}})
         orig_model.train()
 
     # samples
-    if master_process and (last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+    if stage.master_process and (last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         for prompt in ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
@@ -253,7 +240,7 @@ for step in range(start_step, num_iterations + 1):
         orig_model.train()
 
     # checkpoint
-    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+    if should_save(step, start_step, last_step, args.save_every):
         save(step)
 
     if last_step:
@@ -261,39 +248,34 @@ for step in range(start_step, num_iterations + 1):
 
     # one optimizer step
     lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    synchronize()
+    stage.synchronize()
     meter.start()
-    train_loss_f = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
-                              get_muon_momentum(step), args.grad_clip)
-    synchronize()
+    train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
+                            get_muon_momentum(step), args.grad_clip)
+    stage.synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
 
     # log the smoothed loss
-    if not math.isfinite(train_loss_f):
-        sys.exit(f"base_train: the loss became {train_loss_f} at step {step + 1}; lower the learning rates or "
-                 f"resume from an earlier checkpoint with --resume-from-step")
-    ema_beta = 0.9
-    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
-    debiased = loop_state["smooth_train_loss"] / (1 - ema_beta ** (step + 1))
-    print0(meter.line(step, debiased, lrm, dt))
-    report.log_metrics("base", step + 1, train_loss=debiased)
+    smooth_loss = loss_log.update(step, train_loss)
+    print0(meter.line(step, smooth_loss, lrm, dt))
+    stage.report.log_metrics("base", step + 1, train_loss=smooth_loss)
     mfu = meter.mfu(dt)
-    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": meter.tokens_per_second(dt), **({"train/mfu": mfu} if mfu else {})})
+    stage.wandb_run.log({"step": step + 1, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
+                         "train/tok_per_sec": meter.rate(dt), **({"train/mfu": mfu} if mfu else {})})
 
 # -----------------------------------------------------------------------------
 # Summary and report
 sps = meter.seconds_per_step()
 mfu = meter.mfu(sps) if sps else None
-peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else None
+peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: "
        f"{loop_state['min_val_bpb']:.4f} | peak memory: {f'{peak_mem:.1f} GiB' if peak_mem else 'n/a'}")
-report.log("Base model training", [
+stage.report.log("Base model training", [
     user_config,
     {"parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:e}", "steps": num_iterations,
      "tokens": f"{total_tokens:,}", "tokens per parameter": total_tokens / num_params,
-     "processes": ddp_world_size, "grad accumulation steps": grad_accum_steps, "device": str(device),
+     "processes": world_size, "grad accumulation steps": grad_accum_steps, "device": str(device),
      "training FLOPs": f"{flops_per_token * total_tokens:e}",
      "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
      "CORE metric": loop_state.get("core_metric", "n/a"),
@@ -302,5 +284,5 @@ report.log("Base model training", [
      "training time": format_duration(loop_state["total_training_time"]),
      "peak memory": f"{peak_mem:.2f} GiB" if peak_mem else "n/a", **clock.report_items()},
 ])
-wandb_run.finish()
+stage.wandb_run.finish()
 compute_cleanup()

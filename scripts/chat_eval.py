@@ -16,19 +16,17 @@ Reads {base,mid,chatsft,chatrl}_checkpoints/<model_tag>/, writes the report sect
 "Chat evaluation <source>". Importable: chat_sft calls run_chat_eval during training.
 """
 
-import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
-                             get_dist_info, print0)
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import ArgumentParser, compute_cleanup, get_dist_info, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.training import init_compute
 from tasks.common import HubUnavailableError
 from tasks.mixtures import EVAL_TASKS, eval_task_names, resolve_data_mode
 
@@ -209,15 +207,13 @@ def main():
     # -------------------------------------------------------------------------
     # Setup: compute, the model, the task list
     try:
-        _, _, _, _, device = compute_init(args.device_type)
+        compute = init_compute(args.device_type)
         data = resolve_data_mode(args.data)
         task_names = _task_names(args.task_name, data)
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, compute.device, phase="eval", model_tag=args.model_tag,
+                                            step=args.step)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"chat_eval: {e}")
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
-    dtype = autodetect_dtype(device.type)
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     engine = Engine(model, tokenizer)
 
     # -------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def main():
     for name in task_names:
         t0 = time.time()
         try:
-            with autocast_ctx:
+            with compute.autocast_ctx:
                 passed, total = evaluate_task(name, model, tokenizer, engine, args.batch_size, args.num_samples,
                                               args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
         except (HubUnavailableError, ImportError, FileNotFoundError, ValueError) as e:
@@ -240,7 +236,7 @@ def main():
     print0(table)
     print0(f"ChatCORE: {chat_core(accuracies):.4f}")
     get_report().log(f"Chat evaluation {args.source}", [{
-        "source": args.source, "checkpoint": f"{model_tag} step {meta['step']}", "data": data,
+        "source": args.source, "checkpoint": f"{meta['model_tag']} step {meta['step']}", "data": data,
         "max problems per task": args.max_problems or "all", "num samples": args.num_samples,
         "temperature": args.temperature, "top k": args.top_k, "max new tokens": args.max_new_tokens,
     }, table, {**accuracies, "ChatCORE": chat_core(accuracies)}])

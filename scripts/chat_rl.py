@@ -10,23 +10,21 @@ a per-problem baseline). GSM8K with --data online, the generated Arithmetic task
     python -m scripts.chat_rl --resume                            # continue a killed run
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl --run rl1
 
-Reads chatsft_checkpoints/<model_tag>/ (or mid_checkpoints), writes chatrl_checkpoints/<model_tag>/.
+Reads chatsft_checkpoints/<model_tag>/ (or mid_checkpoints), writes chatrl_checkpoints/<model_tag>/
+(the same tag).
 """
 
-import os
+import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
-                             get_dist_info, init_wandb, print0)
+from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
+from nanochat.common import ArgumentParser, compute_cleanup, format_duration, get_dist_info, print0
+from nanochat.energy import StageClock
 from nanochat.engine import Engine
-from nanochat.report import get_report
-from nanochat.training import (ProgressMeter, StageClock, format_duration, get_lr_multiplier, load_training_state,
-                               save_training_state, set_lr_and_momentum)
+from nanochat.training import ProgressMeter, get_lr_multiplier, set_lr_and_momentum, setup_stage, should_save
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, rl_task
 
@@ -60,6 +58,8 @@ parser.add_argument("--eval-examples", type=int, default=400, help="val problems
 parser.add_argument("--eval-samples", type=int, default=8, help="replies per val problem (the k of pass@k)")
 parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of this model tag")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model for the policy-gradient passes (default: on for CUDA, off elsewhere)")
 
 
 # -----------------------------------------------------------------------------
@@ -163,35 +163,31 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Setup: compute, the model, the task
     try:
-        _, ddp_rank, _, ddp_world_size, device = compute_init(args.device_type)
+        stage = setup_stage("rl", args.device_type, args.run, user_config, compile_flag=args.compile)
         data = resolve_data_mode(args.data)
         train_task, val_task = rl_task(data, "train"), rl_task(data, "val")
-        model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
+        model, tokenizer, source_meta = load_model(args.source, stage.device, phase="train", model_tag=args.model_tag,
                                                    step=args.model_step)
     except (ValueError, FileNotFoundError, HubUnavailableError) as e:
         sys.exit(f"chat_rl: {e}")
-    if args.examples_per_step % ddp_world_size != 0:
+    stage.model_tag = source_meta["model_tag"]  # RL checkpoints go under the tag of the model they start from
+    device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
+    checkpoint_dir = stage.checkpoint_dir
+    if args.examples_per_step % world_size != 0:
         sys.exit(f"chat_rl: --examples-per-step {args.examples_per_step} must be a multiple of the number of "
-                 f"processes ({ddp_world_size})")
-    device_type = device.type
-    dtype = autodetect_dtype(device_type)
-    autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    wandb_run = init_wandb(args.run, "nanochat-rl", user_config, ddp_rank)
+                 f"processes ({world_size})")
     model_config = model.config
-    model_tag = args.model_tag or f"d{model_config.n_layer}"
-    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer)  # on the uncompiled model: the KV cache changes shape with every token
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     num_iterations = (args.num_iterations if args.num_iterations > 0
                       else max(1, len(train_task) // args.examples_per_step))
 
-    # Optimizers, resume. The loader state is the example cursor: the global index of the next
-    # training problem (steps take consecutive problems, wrapping around the task).
+    # Optimizers, resume. The loader state's "cursor" is the global index of the next training
+    # problem (steps take consecutive problems, wrapping around the task).
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         lr_scale=args.init_lr_frac)
-    start_step, cursor = 0, 0
+    start_step, loader_state = 0, {"cursor": 0}
     loop_state = {"first_reward": None, "last_reward": None, "pass_at_1": None, "pass_at_k": None,
                   "total_training_time": 0.0}
     if args.resume:
@@ -199,14 +195,17 @@ def main(argv=None):
             resume_step, meta, loader_state = load_training_state(checkpoint_dir, None, model, optimizers, device)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"chat_rl: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
-        start_step, cursor = resume_step, loader_state["cursor"]
-        loop_state, num_iterations = meta["loop_state"], meta["num_iterations"]
+        start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
+    orig_model = model  # the uncompiled module: clean state_dict names, and the engine samples with it
+    if stage.use_compile:
+        # the policy-gradient passes only: rollouts differ in length from step to step, so dynamic=True
+        # compiles one graph for all lengths instead of one per length
+        model = torch.compile(model, dynamic=True)
 
     print0(f"data: {data} | train problems: {len(train_task):,} | val problems: {len(val_task):,}")
     print0(f"step: {args.examples_per_step} problems x {args.num_samples} samples | steps: {num_iterations:,}")
-    meter = ProgressMeter(num_iterations, 0, 0, None, start_step=start_step)  # timing and ETA only
-    clock = StageClock(loop_state, device_index=device.index or 0)
-    report = get_report()
+    meter = ProgressMeter(num_iterations, start_step)  # timing and ETA: RL's line has its own fields
+    clock = StageClock(loop_state, device_index=stage.local_rank)
 
     # -------------------------------------------------------------------------
     # Training loop (evaluate/save the model after `step` steps, then step)
@@ -220,38 +219,38 @@ def main(argv=None):
                                                           args.top_k)
             loop_state["pass_at_1"], loop_state["pass_at_k"] = pass_at_1, pass_at_k
             print0(f"step {step:05d} | val pass@1 {pass_at_1:.4f} | pass@{args.eval_samples} {pass_at_k:.4f}")
-            report.log_metrics("rl", step, pass_at_1=pass_at_1)
-            wandb_run.log({"step": step, "val/pass@1": pass_at_1, f"val/pass@{args.eval_samples}": pass_at_k})
+            stage.report.log_metrics("rl", step, pass_at_1=pass_at_1)
+            stage.wandb_run.log({"step": step, "val/pass@1": pass_at_1, f"val/pass@{args.eval_samples}": pass_at_k})
             model.train()
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        if should_save(step, start_step, last_step, args.save_every):
             clock.update()
-            save_training_state(checkpoint_dir, step, model, optimizers, {
+            save_training_state(checkpoint_dir, step, orig_model, optimizers, {
                 "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
                 "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
-                "source_checkpoint": {"source": args.source, "model_tag": model_tag, "step": source_meta["step"]},
-            }, {"cursor": cursor})
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
+                "source_checkpoint": {"source": args.source, "model_tag": stage.model_tag, "step": source_meta["step"]},
+            }, loader_state)
         if last_step:
             break
 
-        synchronize()
+        stage.synchronize()
         meter.start()
         # Rollouts: this process's share of the step's problems, each a group of num_samples replies
         model.eval()
         sequences, masks, advantages, rewards = [], [], [], []
-        for position in range(cursor + ddp_rank, cursor + args.examples_per_step, ddp_world_size):
-            conversation = train_task[position % len(train_task)]
+        cursor = loader_state["cursor"]
+        for index in range(cursor + rank, cursor + args.examples_per_step, world_size):
+            conversation = train_task[index % len(train_task)]
             prompt = tokenizer.render_for_completion(conversation)
             with autocast_ctx:
                 group_seqs, group_masks, replies = sample_rollouts(
                     engine, tokenizer, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                    seed=position)  # seeded by position: a resumed run samples what the original would have
+                    seed=index)  # seeded by the problem's index: a resumed run samples what the original would have
             group_rewards = torch.tensor([train_task.reward(conversation, r) for r in replies], dtype=torch.float32)
             sequences += group_seqs
             masks += group_masks
             advantages.append(group_advantages(group_rewards))
             rewards.append(group_rewards)
-        cursor += args.examples_per_step
+        loader_state = {"cursor": cursor + args.examples_per_step}
         advantages, rewards = torch.cat(advantages).to(device), torch.cat(rewards)
 
         # Policy gradient: the mean over the step's sampled tokens, in chunks of device_batch_size replies
@@ -269,7 +268,7 @@ def main(argv=None):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        synchronize()
+        stage.synchronize()
         dt = meter.stop(step)
         loop_state["total_training_time"] += dt
 
@@ -282,21 +281,21 @@ def main(argv=None):
         print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
                f"mean sequence length {token_sum / reply_count:.0f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
                f"eta {format_duration(meter.eta_seconds(step))}")
-        wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/dt": dt})
-        report.log_metrics("rl", step + 1, mean_reward=mean_reward)
+        stage.wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/dt": dt})
+        stage.report.log_metrics("rl", step + 1, mean_reward=mean_reward)
 
     # -------------------------------------------------------------------------
     # Report
     print0(f"training time: {format_duration(loop_state['total_training_time'])} | "
            f"val pass@1: {loop_state['pass_at_1']:.4f}")
-    report.log("Chat RL", [user_config, {
-        "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}",
+    stage.report.log("Chat RL", [user_config, {
+        "data": data, "source checkpoint": f"{args.source} {stage.model_tag} step {source_meta['step']}",
         "steps": num_iterations, "problems per step": args.examples_per_step, "samples per problem": args.num_samples,
         "mean reward (first step)": loop_state["first_reward"], "mean reward (last step)": loop_state["last_reward"],
         "val pass@1": loop_state["pass_at_1"], f"val pass@{args.eval_samples}": loop_state["pass_at_k"],
         "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
     }])
-    wandb_run.finish()
+    stage.wandb_run.finish()
     compute_cleanup()
 
 

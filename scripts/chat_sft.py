@@ -6,24 +6,21 @@ assistant tokens only. Starts from the midtrained model (or the base model).
     python -m scripts.chat_sft --source base --model-tag d20
     python -m scripts.chat_sft --resume              # continue a killed run
 
-Writes chatsft_checkpoints/<model_tag>/.
+Writes chatsft_checkpoints/<model_tag>/ (the tag of the model it starts from).
 """
 
-import math
-import os
+import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from nanochat.chat_dataloader import sft_batches
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
-                             init_wandb, print0)
+from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
+from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
+from nanochat.energy import StageClock
 from nanochat.engine import Engine
-from nanochat.report import get_report
-from nanochat.training import (PrefetchingLoader, ProgressMeter, StageClock, format_duration, load_training_state,
-                               save_training_state, train_step)
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, setup_stage,
+                               should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, sft_mixture
 
@@ -52,33 +49,28 @@ parser.add_argument("--eval-metrics-every", type=int, default=200, help="task ac
 parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task for those")
 parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this model tag")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
 # Setup: compute, the model, the data
 try:
-    ddp, ddp_rank, local_rank, ddp_world_size, device = compute_init(args.device_type)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
+    stage = setup_stage("sft", args.device_type, args.run, user_config, compile_flag=args.compile)
+    model, tokenizer, source_meta = load_model(args.source, stage.device, phase="train", model_tag=args.model_tag,
                                                step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"chat_sft: {e}")
-dtype = autodetect_dtype(device.type)
-autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-wandb_run = init_wandb(args.run, "nanochat-sft", user_config, ddp_rank)
+stage.model_tag = source_meta["model_tag"]  # SFT checkpoints go under the tag of the model they start from
+device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
+checkpoint_dir = stage.checkpoint_dir
 model_config = model.config
-model_tag = args.model_tag or f"d{model_config.n_layer}"
 max_tokens = args.max_seq_len or model_config.sequence_len
 B = args.device_batch_size
-examples_per_fwdbwd = B * ddp_world_size
-if args.target_examples_per_step % examples_per_fwdbwd != 0:
-    sys.exit(f"chat_sft: --target-examples-per-step {args.target_examples_per_step} is not a multiple of "
-             f"--device-batch-size x processes = {B} x {ddp_world_size}")
-grad_accum_steps = args.target_examples_per_step // examples_per_fwdbwd
-checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
-
 try:
+    grad_accum_steps = get_grad_accum_steps("--target-examples-per-step", args.target_examples_per_step,
+                                            {"--device-batch-size": B, "processes": world_size})
     data = resolve_data_mode(args.data)
     train_set, val_set = sft_mixture(data, "train"), sft_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
@@ -92,36 +84,41 @@ metric_tasks = ["MMLU", "ARC-Easy"] if data == "online" else ["DefinitionMC", "A
 # Optimizers, resume
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, lr_scale=args.init_lr_frac)
-start_step, position = 0, 0
+start_step, loader_state = 0, 0  # loader_state: conversations this rank has used
 loop_state = {"min_val_loss": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:
     try:
-        resume_step, meta, position = load_training_state(checkpoint_dir, None, model, optimizers, device)
+        resume_step, meta, loader_state = load_training_state(checkpoint_dir, None, model, optimizers, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat_sft: cannot resume: {e}. Drop --resume to start from the {args.source} model.")
     start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
-train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_tokens, device, ddp_rank, ddp_world_size,
-                                              position), position)
+orig_model = model  # the uncompiled module: clean state_dict names, and the Engine's KV cache needs it
+if stage.use_compile:
+    # each batch is padded to its longest conversation, so the sequence length changes from
+    # batch to batch: dynamic=True compiles one graph for all lengths instead of one per length
+    model = torch.compile(model, dynamic=True)
+train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_tokens, device, rank, world_size,
+                                              loader_state), loader_state)
 
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
-print0(f"batch: {args.target_examples_per_step} conversations per step = {B} x {ddp_world_size} processes x "
+print0(f"batch: {args.target_examples_per_step} conversations per step = {B} x {world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
-clock = StageClock(loop_state, device_index=local_rank)
-report = get_report()
-meter = ProgressMeter(num_iterations, args.target_examples_per_step, 0, None, start_step=start_step)
+clock = StageClock(loop_state, device_index=stage.local_rank)
+loss_log = LossLog(loop_state, "chat_sft", "lower --init-lr-frac")
+meter = ProgressMeter(num_iterations, start_step, unit="conversations/s", units_per_step=args.target_examples_per_step)
 
 
 def evaluate_val_loss():
     """Mean loss (nats per assistant token) over eval_steps batches of the val mixture, all ranks."""
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i, (inputs, targets, _) in enumerate(sft_batches(tokenizer, val_set, B, max_tokens, device, ddp_rank,
-                                                          ddp_world_size)):
+    for i, (inputs, targets, _) in enumerate(sft_batches(tokenizer, val_set, B, max_tokens, device, rank,
+                                                          world_size)):
         if i == args.eval_steps:
             break
         with autocast_ctx:
             total += model(inputs, targets, loss_reduction="sum").float()
         count += (targets >= 0).sum()
-    if ddp:
+    if stage.ddp:
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
     return (total / count.clamp(min=1)).item()
@@ -137,54 +134,50 @@ for step in range(start_step, num_iterations + 1):
         val_loss = evaluate_val_loss()
         loop_state["min_val_loss"] = min(loop_state["min_val_loss"], val_loss)
         print0(f"step {step:05d} | val loss {val_loss:.4f}")
-        report.log_metrics("sft", step, val_loss=val_loss)
-        wandb_run.log({"step": step, "val/loss": val_loss})
+        stage.report.log_metrics("sft", step, val_loss=val_loss)
+        stage.wandb_run.log({"step": step, "val/loss": val_loss})
         model.train()
     if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
         from scripts.chat_eval import run_chat_eval  # the chat evaluator lives with its script, as upstream
         model.eval()
-        engine = Engine(model, tokenizer)
+        engine = Engine(orig_model, tokenizer)
         with autocast_ctx:
-            metrics = {name: run_chat_eval(name, model, tokenizer, engine, batch_size=B, num_samples=1,
+            metrics = {name: run_chat_eval(name, orig_model, tokenizer, engine, batch_size=B, num_samples=1,
                                            max_new_tokens=256, temperature=0.0, top_k=50,
                                            max_problems=args.eval_metrics_max_problems) for name in metric_tasks}
         print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        wandb_run.log({"step": step, **{f"metrics/{k}": v for k, v in metrics.items()}})
+        stage.wandb_run.log({"step": step, **{f"metrics/{k}": v for k, v in metrics.items()}})
         model.train()
-    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+    if should_save(step, start_step, last_step, args.save_every):
         clock.update()
-        save_training_state(checkpoint_dir, step, model, optimizers, {
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, {
             "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
             "val_loss": val_loss, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(), "data": data,
-            "source_checkpoint": {"source": args.source, "model_tag": model_tag, "step": source_meta["step"]},
-        }, train_batches.state)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            "source_checkpoint": {"source": args.source, "model_tag": stage.model_tag, "step": source_meta["step"]},
+        }, train_batches.loader_state)
     if last_step:
         break
 
     lrm = 1.0 - step / num_iterations  # linear decay to 0
-    synchronize()
+    stage.synchronize()
     meter.start()
     train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm)
-    synchronize()
+    stage.synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
-    if not math.isfinite(train_loss):
-        sys.exit(f"chat_sft: the loss became {train_loss} at step {step + 1}; lower --init-lr-frac")
-    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
-    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
-    print0(meter.line(step, debiased, lrm, dt).replace("tok/s", "conversations/s"))
-    report.log_metrics("sft", step + 1, train_loss=debiased)
-    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm})
+    smooth_loss = loss_log.update(step, train_loss)
+    print0(meter.line(step, smooth_loss, lrm, dt))
+    stage.report.log_metrics("sft", step + 1, train_loss=smooth_loss)
+    stage.wandb_run.log({"step": step + 1, "train/loss": smooth_loss, "train/lrm": lrm})
 
 # -----------------------------------------------------------------------------
 # Report
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val loss: {loop_state['min_val_loss']:.4f}")
-report.log("Chat SFT", [user_config, {
-    "data": data, "source checkpoint": f"{args.source} {model_tag} step {source_meta['step']}", "steps": num_iterations,
+stage.report.log("Chat SFT", [user_config, {
+    "data": data, "source checkpoint": f"{args.source} {stage.model_tag} step {source_meta['step']}", "steps": num_iterations,
     "train conversations": len(train_set), "minimum val loss": loop_state["min_val_loss"], "final val loss": val_loss,
     **{f"{k} accuracy": v for k, v in metrics.items()},
     "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
 }])
-wandb_run.finish()
+stage.wandb_run.finish()
 compute_cleanup()

@@ -6,25 +6,25 @@ training on conversations packed into full rows, with the loss on assistant toke
     python -m scripts.mid_train --model-tag d34 --model-step 169150 --device-batch-size 4
     python -m scripts.mid_train --resume                         # continue a killed run
 
-Reads base_checkpoints/<model_tag>/, writes mid_checkpoints/<model_tag>/.
+Reads base_checkpoints/<model_tag>/, writes mid_checkpoints/<model_tag>/ (the same tag). The
+identity conversations are $NANOCHAT_BASE_DIR/identity_conversations.jsonl, written with the
+defaults when missing (edit it, or see dev/gen_identity_data.py, to make the model yours).
 """
 
+import argparse
 import math
-import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from nanochat.chat_dataloader import packed_conversation_loader
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import (ArgumentParser, autodetect_dtype, compute_cleanup, compute_init, get_base_dir,
-                             get_peak_flops, init_wandb, print0)
+from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
+from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
+from nanochat.energy import StageClock
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (PrefetchingLoader, ProgressMeter, format_duration, get_lr_multiplier,
-                               get_muon_momentum, load_training_state, save_training_state, StageClock, train_step)
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, get_lr_multiplier,
+                               get_muon_momentum, setup_stage, should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import mid_mixture, resolve_data_mode
 
@@ -50,37 +50,31 @@ parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
 parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this model tag")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
 # Setup: compute, the base model, the data
 try:
-    ddp, ddp_rank, local_rank, ddp_world_size, device = compute_init(args.device_type)
-    model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
+    stage = setup_stage("mid", args.device_type, args.run, user_config, compile_flag=args.compile)
+    model, tokenizer, base_meta = load_model("base", stage.device, phase="train", model_tag=args.model_tag,
                                              step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"mid_train: {e}")
-device_type = device.type
-dtype = autodetect_dtype(device_type)
-autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
-wandb_run = init_wandb(args.run, "nanochat-mid", user_config, ddp_rank)
+stage.model_tag = base_meta["model_tag"]  # mid checkpoints go under the tag of the base model they start from
+device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
+checkpoint_dir = stage.checkpoint_dir
 model_config = model.config
-model_tag = args.model_tag or f"d{model_config.n_layer}"
 T = args.max_seq_len or model_config.sequence_len
 if T > model_config.sequence_len:
     sys.exit(f"mid_train: --max-seq-len {T} exceeds the model's context of {model_config.sequence_len} tokens")
 B = args.device_batch_size
-world_tokens_per_fwdbwd = B * T * ddp_world_size
-if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-    sys.exit(f"mid_train: --total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
-             f"--max-seq-len x processes = {B} x {T} x {ddp_world_size} = {world_tokens_per_fwdbwd}")
-grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
-checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
-
+world_tokens_per_fwdbwd = B * T * world_size
 try:
+    grad_accum_steps = get_grad_accum_steps("--total-batch-size", args.total_batch_size,
+                                            {"--device-batch-size": B, "--max-seq-len": T, "processes": world_size})
     data = resolve_data_mode(args.data)
     train_set, val_set = mid_mixture(data, "train"), mid_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
@@ -105,20 +99,21 @@ if args.resume:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"mid_train: cannot resume: {e}. Drop --resume to start from the base model.")
     start_step, loop_state, num_iterations = resume_step, meta["loop_state"], meta["num_iterations"]
-orig_model = model
-if device_type == "cuda":
-    model = torch.compile(model, dynamic=False)
+orig_model = model  # the uncompiled module: its state_dict has clean names
+if stage.use_compile:
+    model = torch.compile(model, dynamic=False)  # packed rows: every batch has the same (B, T) shape
 train_batches = PrefetchingLoader(packed_conversation_loader(
-    tokenizer, train_set, B, T, device, ddp_rank, ddp_world_size, loader_state), loader_state)
+    tokenizer, train_set, B, T, device, rank, world_size, loader_state), loader_state)
 token_bytes = get_token_bytes(device=device)
 
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
-print0(f"batch: {args.total_batch_size:,} tokens per step = {B} x {T} x {ddp_world_size} processes x "
+print0(f"batch: {args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
-clock = StageClock(loop_state, device_index=local_rank)
-report = get_report()
-meter = ProgressMeter(num_iterations, args.total_batch_size, orig_model.estimate_flops(),
-                      peak_flops * ddp_world_size if peak_flops else None, start_step=start_step)
+clock = StageClock(loop_state, device_index=stage.local_rank)
+loss_log = LossLog(loop_state, "mid_train", "lower the learning rates (--init-lr-frac) or resume from an earlier "
+                   "checkpoint")
+meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=args.total_batch_size,
+                      flops_per_unit=orig_model.estimate_flops(), peak_flops=stage.peak_flops)
 
 # -----------------------------------------------------------------------------
 # Training loop (same shape as base_train: evaluate/save the model after `step` steps, then step)
@@ -127,8 +122,8 @@ for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         model.eval()
-        val_loader = ((x, y) for x, y, _ in packed_conversation_loader(tokenizer, val_set, B, T, device, ddp_rank,
-                                                                       ddp_world_size))
+        val_loader = ((x, y) for x, y, _ in packed_conversation_loader(tokenizer, val_set, B, T, device, rank,
+                                                                       world_size))
         try:
             with autocast_ctx:
                 val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // world_tokens_per_fwdbwd),
@@ -137,47 +132,42 @@ for step in range(start_step, num_iterations + 1):
             sys.exit(f"mid_train: {e}; raise --eval-tokens so the validation rows hold assistant tokens")
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         print0(f"step {step:05d} | val bpb {val_bpb:.4f} (assistant tokens)")
-        report.log_metrics("mid", step, val_bpb=val_bpb)
-        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        stage.report.log_metrics("mid", step, val_bpb=val_bpb)
+        stage.wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
-    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+    if should_save(step, start_step, last_step, args.save_every):
         clock.update()
         save_training_state(checkpoint_dir, step, orig_model, optimizers, {
             "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
             "val_bpb": val_bpb, "loop_state": loop_state, "tokenizer_hash": tokenizer.content_hash(),
-            "data": data, "base_checkpoint": {"model_tag": model_tag, "step": base_meta["step"]},
-        }, train_batches.state)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            "data": data, "base_checkpoint": {"model_tag": stage.model_tag, "step": base_meta["step"]},
+        }, train_batches.loader_state)
     if last_step:
         break
 
     lrm = get_lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-    synchronize()
+    stage.synchronize()
     meter.start()
     train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
                             get_muon_momentum(step))
-    synchronize()
+    stage.synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
-    if not math.isfinite(train_loss):
-        sys.exit(f"mid_train: the loss became {train_loss} at step {step + 1}; lower the learning rates "
-                 "(--init-lr-frac) or resume from an earlier checkpoint")
-    loop_state["smooth_train_loss"] = 0.9 * loop_state["smooth_train_loss"] + 0.1 * train_loss
-    debiased = loop_state["smooth_train_loss"] / (1 - 0.9 ** (step + 1))
-    print0(meter.line(step, debiased, lrm, dt))
-    report.log_metrics("mid", step + 1, train_loss=debiased)
-    wandb_run.log({"step": step + 1, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt})
+    smooth_loss = loss_log.update(step, train_loss)
+    print0(meter.line(step, smooth_loss, lrm, dt))
+    stage.report.log_metrics("mid", step + 1, train_loss=smooth_loss)
+    stage.wandb_run.log({"step": step + 1, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt})
 
 # -----------------------------------------------------------------------------
 # Report
 sps = meter.seconds_per_step()
 mfu = meter.mfu(sps) if sps else None
 print0(f"training time: {format_duration(loop_state['total_training_time'])} | min val bpb: {loop_state['min_val_bpb']:.4f}")
-report.log("Midtraining", [user_config, {
-    "data": data, "base checkpoint": f"{model_tag} step {base_meta['step']}", "steps": num_iterations,
+stage.report.log("Midtraining", [user_config, {
+    "data": data, "base checkpoint": f"{stage.model_tag} step {base_meta['step']}", "steps": num_iterations,
     "train conversations": len(train_set), "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
     "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
     "training time": format_duration(loop_state["total_training_time"]), **clock.report_items(),
 }])
-wandb_run.finish()
+stage.wandb_run.finish()
 compute_cleanup()

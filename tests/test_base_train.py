@@ -2,6 +2,7 @@
 scripts/base_train.py end to end on CPU: a tiny model trains and its loss falls, a run killed
 mid-way and resumed ends bit-identical to an uninterrupted one, and torchrun with 2 gloo
 processes follows the same loss curve as 1 process with twice the gradient accumulation.
+First, the pieces of nanochat/training.py its loop (and the chat stages' loops) are made of.
 
 The data is built so that every parquet row group holds one document of exactly B*T tokens
 under a byte-level tokenizer (no merges: one token per ASCII character, plus <|bos|>). Then
@@ -21,6 +22,8 @@ import pytest
 import torch
 
 from nanochat.tokenizer import RustBPETokenizer
+from nanochat.training import (LossLog, ProgressMeter, get_grad_accum_steps, setup_stage, should_compile,
+                               should_save)
 from test_core_eval import write_bundle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +82,78 @@ def load_model_state(base_dir, step, tag="d2"):
     path = os.path.join(base_dir, "base_checkpoints", tag, f"model_{step:06d}.pt")
     return torch.load(path, map_location="cpu", weights_only=True)
 
+
+# -----------------------------------------------------------------------------
+# nanochat/training.py
+
+def test_loss_log_is_a_debiased_ema_that_resumes_exactly():
+    losses_in = [5.0, 4.0, 3.5, 3.0, 2.8]
+    loop_state = {"smooth_train_loss": 0.0}
+    log = LossLog(loop_state, "base_train", "lower the learning rates")
+    straight = [log.update(step, loss) for step, loss in enumerate(losses_in)]
+    assert straight[0] == pytest.approx(5.0)  # debiased: the first value is the first loss, not 10% of it
+    ema = 0.0
+    for step, loss in enumerate(losses_in):
+        ema = 0.9 * ema + 0.1 * loss
+        assert straight[step] == pytest.approx(ema / (1 - 0.9 ** (step + 1)))
+    saved = {"smooth_train_loss": 0.0}  # a run that checkpoints after step 2 and resumes from its loop_state
+    first = LossLog(saved, "base_train", "")
+    for step in range(3):
+        first.update(step, losses_in[step])
+    resumed = LossLog(dict(saved), "base_train", "")
+    assert [resumed.update(step, losses_in[step]) for step in (3, 4)] == straight[3:]
+
+
+def test_loss_log_stops_on_a_non_finite_loss():
+    log = LossLog({}, "chat_sft", "lower --init-lr-frac")
+    with pytest.raises(SystemExit, match=r"chat_sft: the loss became nan at step 8; lower --init-lr-frac"):
+        log.update(7, float("nan"))
+
+
+def test_progress_meter_line_in_any_unit():
+    meter = ProgressMeter(100, unit="tok/s", units_per_step=1000, flops_per_unit=1e9, peak_flops=1e13)
+    assert meter.line(11, 5.1234567, 1.0, 0.5) == ("step 00012/00100 (12.00%) | loss 5.123457 | lrm 1.00 | dt 500ms | "
+                                                   "tok/s 2,000 | mfu 20.0% | eta ?")
+    meter = ProgressMeter(10, start_step=4, unit="conversations/s", units_per_step=32, skip_steps=0)
+    meter.start()
+    dt = meter.stop(4)
+    line = meter.line(4, 2.0, 0.5, dt)
+    assert "| conversations/s " in line and "| mfu n/a |" in line and "tok/s" not in line
+    assert meter.eta_seconds(4) == pytest.approx(5 * dt)
+    timing_only = ProgressMeter(10).line(0, 2.0, 0.5, 0.25)
+    assert timing_only == "step 00001/00010 (10.00%) | loss 2.000000 | lrm 0.50 | dt 250ms | eta ?"
+
+
+def test_should_save_and_should_compile():
+    assert [s for s in range(0, 11) if should_save(s, 0, s == 10, 4)] == [4, 8, 10]
+    assert [s for s in range(4, 11) if should_save(s, 4, s == 10, 4)] == [8, 10]  # resumed at 4: not again
+    assert [s for s in range(0, 11) if should_save(s, 0, s == 10, -1)] == [10]
+    assert should_compile(None, "cuda") and not should_compile(None, "cpu") and not should_compile(None, "mps")
+    assert should_compile(True, "cpu") and not should_compile(False, "cuda")
+
+
+def test_grad_accum_steps_name_the_flags():
+    assert get_grad_accum_steps("--total-batch-size", 512, {"--device-batch-size": 2, "--max-seq-len": 64,
+                                                            "processes": 2}) == 2
+    with pytest.raises(ValueError, match=r"--target-examples-per-step 6 is not a multiple of --device-batch-size x "
+                                         r"processes = 4 x 1 = 4"):
+        get_grad_accum_steps("--target-examples-per-step", 6, {"--device-batch-size": 4, "processes": 1})
+
+
+def test_setup_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    stage = setup_stage("mid", "cpu", "dummy", {}, compile_flag=None)
+    assert "device: cpu x 1 | dtype: torch.float32 | compile: False" in capsys.readouterr().out
+    assert (stage.device.type, stage.world_size, stage.master_process, stage.use_compile, stage.peak_flops) == \
+        ("cpu", 1, True, False, None)
+    stage.model_tag = "d7"
+    assert stage.checkpoint_dir == str(tmp_path / "mid_checkpoints" / "d7")
+    with pytest.raises(ValueError, match="--device-type"):
+        setup_stage("base", "tpu", "dummy", {})
+
+
+# -----------------------------------------------------------------------------
+# scripts/base_train.py
 
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     base = make_base_dir(str(tmp_path / "run"))

@@ -1,9 +1,12 @@
 """
 scripts/mid_train.py and scripts/chat_sft.py on CPU with the offline task data: each trains
 from the previous stage's checkpoint, lowers its validation loss, and a run resumed from an
-intermediate checkpoint ends bit-identical to the uninterrupted run.
+intermediate checkpoint ends bit-identical to the uninterrupted run. mid_train writes under
+the tag of the base model it loaded, and the identity conversations both stages mix in are
+generated when missing and taken as they are when the user has edited them.
 """
 
+import json
 import os
 import re
 import shutil
@@ -13,9 +16,9 @@ import sys
 import pytest
 import torch
 
+from tasks.identity import generate_conversations
+from tasks.mixtures import mid_mixture, sft_mixture
 from test_base_train import REPO, make_base_dir, run_env
-
-pytestmark = pytest.mark.slow
 
 
 def run(base_dir, module, *args):
@@ -41,20 +44,24 @@ def assert_same_model(dir_a, dir_b, step):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A base dir with a d2 base checkpoint and identity conversations."""
+    """A base dir with a d2 base checkpoint (and no identity conversations yet)."""
     base = make_base_dir(str(tmp_path_factory.mktemp("chat") / "base"))
     run(base, "scripts.base_train", "--depth=2", "--max-seq-len=64", "--device-batch-size=2",
         "--total-batch-size=128", "--num-iterations=4", "--eval-every=-1", "--eval-tokens=128",
         "--sample-every=-1", "--core-metric-every=-1")
-    run(base, "dev.gen_identity_data", "--output", os.path.join(base, "identity_conversations.jsonl"))
     return base
 
 
+@pytest.mark.slow
 def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
     flags = ["--data=offline", "--device-batch-size=2", "--max-seq-len=64", "--total-batch-size=256",
              "--num-iterations=8", "--eval-every=8", "--eval-tokens=512", "--save-every=4", "--matrix-lr=0.05"]
+    identity = os.path.join(base_dir, "identity_conversations.jsonl")
+    assert not os.path.exists(identity)
     proc = run(base_dir, "scripts.mid_train", *flags)
     assert "Loaded base model d2 step 4" in proc.stdout
+    assert f"no identity conversations at {identity}: wrote the default 500" in proc.stdout
+    assert os.path.exists(identity)
     bpb = [float(v) for v in re.findall(r"val bpb ([\d.]+)", proc.stdout)]
     assert len(bpb) == 2 and bpb[1] < bpb[0], bpb
     ckpt = os.path.join(base_dir, "mid_checkpoints", "d2")
@@ -67,6 +74,20 @@ def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
     assert os.path.exists(os.path.join(base_dir, "report", "midtraining.md"))
 
 
+@pytest.mark.slow
+def test_mid_train_writes_under_the_tag_it_loaded(base_dir, tmp_path):
+    """Without --model-tag mid_train starts from the largest base tag, and its checkpoints go
+    under that tag, whatever the model's depth (a downloaded d34 may be renamed, for example)."""
+    base_dir = shutil.copytree(base_dir, str(tmp_path / "tags"))
+    shutil.rmtree(os.path.join(base_dir, "mid_checkpoints"), ignore_errors=True)
+    shutil.copytree(os.path.join(base_dir, "base_checkpoints", "d2"), os.path.join(base_dir, "base_checkpoints", "d7"))
+    proc = run(base_dir, "scripts.mid_train", "--data=offline", "--device-batch-size=2", "--max-seq-len=64",
+               "--total-batch-size=128", "--num-iterations=1", "--eval-every=-1", "--eval-tokens=512")
+    assert "Loaded base model d7 step 4" in proc.stdout
+    assert os.listdir(os.path.join(base_dir, "mid_checkpoints")) == ["d7"]
+
+
+@pytest.mark.slow
 def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
     base_dir = shutil.copytree(base_dir, str(tmp_path / "sft"))  # independent of the mid test's checkpoints
     shutil.rmtree(os.path.join(base_dir, "mid_checkpoints"), ignore_errors=True)
@@ -86,3 +107,36 @@ def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
     run(base_dir, "scripts.chat_sft", *flags, "--resume")
     assert_same_model(reference, ckpt, 8)
     assert os.path.exists(os.path.join(base_dir, "report", "chat-sft.md"))
+
+
+OFFLINE_SIZES = {"define_word": 2, "definition_mc": 2, "arithmetic": 2, "simple_spelling": 2, "spelling_bee": 2}
+
+
+def test_missing_identity_file_is_generated_and_an_edited_one_is_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path = tmp_path / "identity_conversations.jsonl"
+    mixture = sft_mixture("offline", "train", sizes=OFFLINE_SIZES)
+    out = capsys.readouterr().out
+    assert f"no identity conversations at {path}: wrote the default 500" in out and "dev.gen_identity_data" in out
+    assert path.read_text(encoding="utf-8").splitlines() == [json.dumps(c, ensure_ascii=False)
+                                                             for c in generate_conversations()]
+    assert len(mixture) == 10 + 500
+
+    edited = {"messages": [{"role": "user", "content": "Who are you?"},
+                           {"role": "assistant", "content": "Bob's model."}]}
+    path.write_text(json.dumps(edited) + "\n", encoding="utf-8")
+    mixture = mid_mixture("offline", "train", sizes=OFFLINE_SIZES)
+    assert len(mixture) == 10 + 2  # the one edited conversation, listed twice
+    assert edited in [mixture[i] for i in range(len(mixture))]
+    assert "identity" not in capsys.readouterr().out
+    assert path.read_text(encoding="utf-8") == json.dumps(edited) + "\n"
+
+
+def test_gen_identity_data_writes_the_default_set(tmp_path):
+    """`python -m dev.gen_identity_data` with no flags writes what the stages generate by themselves."""
+    out = tmp_path / "id.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "dev.gen_identity_data", "--output", str(out)], cwd=REPO,
+                          env=run_env(str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text(encoding="utf-8").splitlines() == [json.dumps(c, ensure_ascii=False)
+                                                            for c in generate_conversations()]

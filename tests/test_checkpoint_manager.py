@@ -124,9 +124,46 @@ def test_load_model_defaults_to_largest_tag_and_last_step_and_says_so(base_dir, 
     _, _, meta = cm.load_model("mid", "cpu", "eval")
     out = capsys.readouterr().out
     assert meta["step"] == 8
+    assert meta["model_tag"] == "d2"  # the tag it resolved, for the next stage's checkpoints
     assert "mid" in out and "d2" in out and "step 8" in out and str(base_dir / "mid_checkpoints" / "d2" / "model_000008.pt") in out
     _, _, meta = cm.load_model("mid", "cpu", "eval", model_tag="d2", step=4)
     assert meta["step"] == 4 and "model_000004.pt" in capsys.readouterr().out
+    _, _, meta = cm.load_model("mid", "cpu", "eval", model_tag="d1")
+    assert meta["step"] == 5 and meta["model_tag"] == "d1"
+    assert cm.get_checkpoint_dir("mid", "d1") == str(base_dir / "mid_checkpoints" / "d1")
+
+
+# -----------------------------------------------------------------------------
+# training state (resume)
+
+def test_training_state_round_trip_restores_model_optimizer_rng_and_loader_state(base_dir, tokenizer, capsys):
+    model = tiny_model(tokenizer)
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+    x = torch.randint(0, tokenizer.get_vocab_size(), (2, 8))
+    model(x, x).backward()
+    optimizers[0].step()
+    checkpoint_dir = str(base_dir / "base_checkpoints" / "d1")
+    meta = meta_for(model, tokenizer, loop_state={"smooth_train_loss": 1.5})
+    cm.save_training_state(checkpoint_dir, 3, model, optimizers, meta, {"epoch": 0, "token_offset": 7})
+    assert f"saved checkpoint {checkpoint_dir} step 3" in capsys.readouterr().out
+    expected_rand = torch.rand(3)
+
+    restored = tiny_model(tokenizer, seed=1)
+    restored_optimizers = [torch.optim.AdamW(restored.parameters(), lr=1e-3)]
+    step, loaded_meta, loader_state = cm.load_training_state(checkpoint_dir, None, restored, restored_optimizers, "cpu")
+    assert f"resumed from {checkpoint_dir} step 3" in capsys.readouterr().out
+    assert (step, loader_state, loaded_meta["loop_state"]) == (3, {"epoch": 0, "token_offset": 7}, {"smooth_train_loss": 1.5})
+    assert loaded_meta["dataloader_state"] == [{"epoch": 0, "token_offset": 7}]  # one entry per rank
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+    assert restored_optimizers[0].state_dict()["state"].keys() == optimizers[0].state_dict()["state"].keys()
+    assert torch.equal(torch.rand(3), expected_rand)  # the RNG continues where the saved run was
+
+    other = GPT(GPTConfig(sequence_len=16, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64))
+    with pytest.raises(ValueError, match="use the flags of the original run"):
+        cm.load_training_state(checkpoint_dir, 3, other, [torch.optim.AdamW(other.parameters())], "cpu")
+    with pytest.raises(FileNotFoundError, match=r"step 4 .*\[3\]"):
+        cm.load_training_state(checkpoint_dir, 4, restored, restored_optimizers, "cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -280,8 +317,8 @@ def test_find_largest_model_falls_back_to_the_newest_tag(tmp_path):
 def test_load_model_without_checkpoints_names_the_script_to_run(base_dir, source, script):
     with pytest.raises(FileNotFoundError, match=f"run `python -m {script}` first"):
         cm.load_model(source, "cpu", "eval")
-    (base_dir / cm.SOURCES[source][0] / "d4").mkdir(parents=True)  # an empty tag directory is no better
-    with pytest.raises(FileNotFoundError, match=f"no checkpoints in .*{cm.SOURCES[source][0]}"):
+    (base_dir / cm.STAGE_DIRS[source][0] / "d4").mkdir(parents=True)  # an empty tag directory is no better
+    with pytest.raises(FileNotFoundError, match=f"no checkpoints in .*{cm.STAGE_DIRS[source][0]}"):
         cm.load_model(source, "cpu", "eval")
 
 

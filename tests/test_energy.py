@@ -1,8 +1,8 @@
 """
 nanochat/energy.py with a fake NVML module in place of pynvml: the energy-counter path, the
 power-sampling path (trapezoid integral, daemon thread, failed reads bridged), and every way
-to be unavailable (no pynvml, no GPU, a GPU that reports neither); then the real pynvml on
-this machine, whatever it has.
+to be unavailable (no pynvml, no GPU, a GPU that reports neither); the stage clock's totals
+across a resume; then the real pynvml on this machine, whatever it has.
 """
 
 import sys
@@ -13,7 +13,7 @@ import types
 import pytest
 
 import nanochat.energy as energy
-from nanochat.energy import EnergyMeter, energy_for_report
+from nanochat.energy import EnergyMeter, StageClock, energy_for_report
 
 
 class FakeNVMLError(Exception):
@@ -146,6 +146,32 @@ def test_unavailable_reads_none(monkeypatch, case):
 def test_energy_for_report():
     assert energy_for_report(None) == "n/a"
     assert energy_for_report(12.3456) == 12.35
+
+
+def test_stage_clock_sums_over_a_resumed_run(monkeypatch):
+    counter, now = {"mj": 1_000_000}, {"t": 1000.0}
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(energy_mj=lambda: counter["mj"]))
+    monkeypatch.setattr(energy.time, "time", lambda: now["t"])
+    loop_state = {"smooth_train_loss": 0.0}
+    clock = StageClock(loop_state)
+    now["t"] += 60
+    counter["mj"] += 3_600_000  # 1 Wh
+    clock.update()  # before a checkpoint: the totals so far go into loop_state
+    assert loop_state == {"smooth_train_loss": 0.0, "wall_time_s": 60.0, "energy_wh": pytest.approx(1.0)}
+
+    resumed = StageClock(dict(loop_state))  # a new process, from the checkpoint's loop_state
+    now["t"] += 30
+    counter["mj"] += 1_800_000
+    assert resumed.report_items() == {"wall time (s)": 90.0, "energy (Wh)": 1.5}
+
+
+def test_stage_clock_without_nvml_reports_wall_time_only(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    now = {"t": 0.0}
+    monkeypatch.setattr(energy.time, "time", lambda: now["t"])
+    clock = StageClock({})
+    now["t"] += 12.34
+    assert clock.report_items() == {"wall time (s)": 12.3, "energy (Wh)": "n/a"}
 
 
 def test_real_nvml_on_this_machine_never_raises():

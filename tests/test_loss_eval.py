@@ -1,7 +1,8 @@
-"""Tests for nanochat/loss_eval.py: bits per byte on hand-computed examples, and across ranks."""
+"""Tests for nanochat/loss_eval.py: bits per byte on hand-computed examples, across ranks, and the progress line."""
 
 import math
 import os
+import re
 import socket
 
 import pytest
@@ -114,6 +115,19 @@ def test_bpb_errors():
         evaluate_bpb(FixedLossModel(), iter([(x, torch.tensor([[0, -1]]))]), 1, TOKEN_BYTES)
     with pytest.raises(ValueError, match="steps must be positive"):
         evaluate_bpb(FixedLossModel(), iter([]), 0, TOKEN_BYTES)
+
+
+def test_a_long_evaluation_prints_its_progress(capsys):
+    x = torch.zeros(1, 2, dtype=torch.long)
+    batches = [(x, torch.tensor([[1, 2]]))] * 4
+    quiet = evaluate_bpb(FixedLossModel(), iter(batches), 4, TOKEN_BYTES)  # fast: nothing printed
+    assert capsys.readouterr().out == ""
+    # progress_every_s=0: a line after every batch but the last
+    loud = evaluate_bpb(FixedLossModel(), iter(batches), 4, TOKEN_BYTES, progress_every_s=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert loud == quiet
+    assert [line.split(" | ")[0] for line in lines] == [f"evaluate_bpb: {i}/4 batches ({25 * i}%)" for i in (1, 2, 3)]
+    assert all(re.search(r"\| \d+s \| eta \d+s$", line) for line in lines), lines
 
 
 def _free_port():
