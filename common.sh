@@ -146,9 +146,6 @@ stage_pretrain() {
 
 stage_midtrain() {
     require "base_checkpoints/$model_tag" "pretrain.sh"
-    if [ ! -f "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" ]; then
-        "$py" -m dev.gen_identity_data --output "$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
-    fi
     local resume
     resume=$(resume_flag mid_checkpoints)
     run_stage mid_train "${launch[@]}" scripts.mid_train --data "$data" --model-tag "$model_tag" \

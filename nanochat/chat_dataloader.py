@@ -15,6 +15,8 @@ from collections import deque
 
 import torch
 
+from nanochat.dataloader import read_window
+
 
 def _to_device(rows, device):
     """list of equal-length int lists -> (len(rows), len(row)) int64 tensor on `device`."""
@@ -59,25 +61,8 @@ def packed_conversation_loader(tokenizer, dataset, B, T, device, rank=0, world_s
             if index >= n:
                 epoch, index = epoch + 1, rank
         tokens, masks = [], []
-        offset = head_offset
-        for _, _, ids, mask in pending:
-            take = window - len(tokens)
-            tokens.extend(ids[offset:offset + take])
-            masks.extend(mask[offset:offset + take])
-            offset = 0
-            if len(tokens) == window:
-                break
-        consume = B * T  # the window's last token starts the next window
-        buffered -= consume
-        while consume > 0:
-            left = len(pending[0][2]) - head_offset
-            if left <= consume:
-                pending.popleft()
-                consume -= left
-                head_offset = 0
-            else:
-                head_offset += consume
-                consume = 0
+        head_offset = read_window(pending, head_offset, window, B * T, (tokens, masks), lambda conv: conv[2:])
+        buffered -= B * T
         targets = [t if m else -1 for t, m in zip(tokens[1:], masks[1:])]
         inputs = _to_device([tokens[:-1]], device).view(B, T)  # (B, T)
         targets = _to_device([targets], device).view(B, T)  # (B, T)

@@ -37,7 +37,6 @@ STAGE_DIRS = {
     "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
 }
-SOURCES = STAGE_DIRS  # the old name, still imported by scripts/chat_web.py and scripts/chat_cli.py
 META_PATTERN = re.compile(r"meta_(\d+)\.json")
 
 

@@ -71,15 +71,15 @@ def _iter_documents(paths, rank, world_size, epoch, shard_index, row_group_index
 
 
 def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cuda",
-                                       resume_state_dict=None, tokenizer=None, rank=None, world_size=None):
-    """Yield (inputs, targets, state_dict) forever from the pretraining shards of `split`.
+                                       loader_state=None, tokenizer=None, rank=None, world_size=None):
+    """Yield (inputs, targets, loader_state) forever from the pretraining shards of `split`.
 
     inputs, targets: (B, T) int64 tensors on `device`; targets[b, t] is the token after
     inputs[b, t] in the stream (both are views of one B*T+1 token window). Consecutive
     windows overlap by one token, so every token of the stream is a target exactly once.
     Both splits loop over epochs forever; the caller decides how many batches to take.
 
-    state_dict (plain ints, JSON-able) locates the first token of the next window:
+    loader_state (a dict of plain ints, JSON-able) locates the first token of the next window:
       epoch, shard_index, row_group_index, doc_index: the document it belongs to
         (shard_index indexes this split's shards; row_group_index is a row group of this rank);
       token_offset: its index in that document's tokens (<|bos|> is index 0);
@@ -87,7 +87,7 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
     Resuming re-reads that row group, re-tokenizes from that document and drops the first
     token_offset tokens. Tokenization is per document and deterministic, so the rebuilt
     token buffer, and every batch after it, equals what the uninterrupted loader yields.
-    Under DDP every rank must resume from its own state dict.
+    Under DDP every rank must resume from its own loader_state.
 
     Args:
         B, T: batch size and sequence length (tokens).
@@ -95,7 +95,7 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
         tokenizer_threads: threads the tokenizer encodes a batch of documents with.
         tokenizer_batch_size: documents per encode call.
         device: where the batches go; on CUDA via pinned memory and a non-blocking copy.
-        resume_state_dict: a state dict yielded earlier by a loader of the same split, data,
+        loader_state: a loader_state yielded earlier by a loader of the same split, data,
             tokenizer and rank; None starts at the beginning.
         tokenizer: defaults to nanochat.tokenizer.get_tokenizer().
         rank, world_size: default to the torchrun environment (get_dist_info()).
@@ -114,23 +114,23 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
     bos = tokenizer.get_bos_token_id()
 
     start = {"epoch": 0, "shard_index": 0, "row_group_index": rank, "doc_index": 0, "token_offset": 0}
-    if resume_state_dict is not None:
-        missing = [k for k in STATE_KEYS if k not in resume_state_dict]
+    if loader_state is not None:
+        missing = [k for k in STATE_KEYS if k not in loader_state]
         if missing:
             raise ValueError(f"dataloader resume state lacks {missing}; it was not made by this loader")
-        if (resume_state_dict["rank"], resume_state_dict["world_size"]) != (rank, world_size):
+        if (loader_state["rank"], loader_state["world_size"]) != (rank, world_size):
             raise ValueError(
-                f"dataloader resume state is for rank {resume_state_dict['rank']} of {resume_state_dict['world_size']}, "
+                f"dataloader resume state is for rank {loader_state['rank']} of {loader_state['world_size']}, "
                 f"but this is rank {rank} of {world_size}; resume with the same number of processes")
-        if resume_state_dict["shard_index"] >= len(paths):
-            raise ValueError(f"dataloader resume state points at {split} shard {resume_state_dict['shard_index']} but "
+        if loader_state["shard_index"] >= len(paths):
+            raise ValueError(f"dataloader resume state points at {split} shard {loader_state['shard_index']} but "
                              f"there are only {len(paths)}; the shards in base_data/ changed since the checkpoint")
-        start = {k: int(resume_state_dict[k]) for k in start}
+        start = {k: int(loader_state[k]) for k in start}
 
     documents = _iter_documents(paths, rank, world_size, start["epoch"], start["shard_index"],
                                 start["row_group_index"], start["doc_index"])
     start_position = (start["epoch"], start["shard_index"], start["row_group_index"], start["doc_index"])
-    resuming = resume_state_dict is not None
+    resuming = loader_state is not None
     docs = deque()  # (position, token ids) of every document that still has unconsumed tokens
     head_offset = start["token_offset"]  # tokens of docs[0] already consumed
     buffered = -head_offset  # tokens available in docs
@@ -154,39 +154,52 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
                         f"dataloader resume state points at document {start_position} (epoch, shard, row group, doc), "
                         f"token {head_offset}, which does not exist (first document found: {position}, {len(ids)} "
                         "tokens); the shards or the tokenizer changed since the checkpoint")
-        # gather the window across documents
         tokens = array("q")  # int64; ~4x faster than torch.tensor(list) to turn into a tensor (CPU, 65K tokens)
-        offset = head_offset
-        for _, ids in docs:
-            tokens.extend(ids[offset:offset + window - len(tokens)])
-            offset = 0
-            if len(tokens) == window:
-                break
-        # consume B*T tokens; the window's last token starts the next window
-        consume = B * T
-        buffered -= consume
-        while consume > 0:
-            left_in_head = len(docs[0][1]) - head_offset
-            if left_in_head <= consume:
-                docs.popleft()
-                consume -= left_in_head
-                head_offset = 0
-            else:
-                head_offset += consume
-                consume = 0
+        head_offset = read_window(docs, head_offset, window, B * T, (tokens,), lambda doc: (doc[1],))
+        buffered -= B * T
         (epoch, shard_index, row_group_index, doc_index), _ = docs[0]
-        state_dict = {"epoch": epoch, "shard_index": shard_index, "row_group_index": row_group_index,
-                      "doc_index": doc_index, "token_offset": head_offset, "rank": rank, "world_size": world_size}
+        state = {"epoch": epoch, "shard_index": shard_index, "row_group_index": row_group_index,
+                 "doc_index": doc_index, "token_offset": head_offset, "rank": rank, "world_size": world_size}
         scratch = torch.frombuffer(tokens, dtype=torch.long)  # (B*T+1,)
         if use_cuda:
             scratch = scratch.pin_memory()  # page-locked, so the copies below run asynchronously
         inputs = scratch[:-1].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
         targets = scratch[1:].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
-        yield inputs, targets, state_dict
+        yield inputs, targets, state
+
+
+def read_window(pending, head_offset, window, stride, outs, fields):
+    """Copy the next `window` tokens of a stream of documents into `outs`, then advance it by `stride`.
+
+    The stream is `pending`, a deque of documents of which docs[0]'s first `head_offset` tokens
+    are already consumed; fields(doc) gives a document's parallel token sequences (its ids, and
+    for chat its loss mask), one per list/array in `outs`, which are extended in place. Documents
+    used up by the first `stride` tokens are popped. Returns the new head_offset. `pending` must
+    hold at least `window` tokens. Shared by the pretraining and the midtraining loaders, whose
+    windows overlap by window - stride tokens (the last input's target starts the next window).
+    """
+    offset = head_offset
+    for doc in pending:
+        take = window - len(outs[0])
+        for out, seq in zip(outs, fields(doc)):
+            out.extend(seq[offset:offset + take])
+        offset = 0
+        if len(outs[0]) == window:
+            break
+    while stride > 0:
+        left_in_head = len(fields(pending[0])[0]) - head_offset
+        if left_in_head <= stride:
+            pending.popleft()
+            stride -= left_in_head
+            head_offset = 0
+        else:
+            head_offset += stride
+            stride = 0
+    return head_offset
 
 
 def without_state(loader):
-    """Yield (inputs, targets) from a loader that yields (inputs, targets, state_dict).
+    """Yield (inputs, targets) from a loader that yields (inputs, targets, loader_state).
 
     For consumers that never resume, e.g. evaluate_bpb on the val split.
     """

@@ -4,6 +4,10 @@ Pretrain the base model: tokens from the pretraining shards in, a GPT checkpoint
     python -m scripts.base_train --depth 20                       # one GPU, or the CPU
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train  # several GPUs (gloo on CPU)
     python -m scripts.base_train --depth 20 --resume               # continue a killed run
+    python -m scripts.base_train --preset tiny --depth 8           # the CPU demo's defaults, a d8
+
+Every shape flag left out (depth, batch, horizon, evaluation budget) comes from --preset through
+nanochat/run_shape.py, the function scripts.plan prints the plan with: the plan is the run.
 
 Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>/. A resumed run restores the
 model, the optimizer state, the LR schedule position, the data loader position and the RNG, so
@@ -23,8 +27,9 @@ from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.run_shape import PRESETS, RunShapeError, run_shape, shape_flags
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, get_lr_multiplier,
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier,
                                get_muon_momentum, setup_stage, should_save, train_step)
 
 # -----------------------------------------------------------------------------
@@ -32,17 +37,21 @@ from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_gr
 parser = ArgumentParser(description="Pretrain the base model")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+# The run's shape: every flag left out comes from the preset (nanochat/run_shape.py, the same
+# function that prints the plan); "gpu" is upstream's d20 recipe, with CPU-sized evaluation on a CPU.
+parser.add_argument("--preset", default="gpu", choices=list(PRESETS), help="defaults for the flags below (default: gpu)")
 # model
-parser.add_argument("--depth", type=int, default=20, help="number of layers; width = 64 x depth")
-parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+parser.add_argument("--depth", type=int, default=None, help="number of layers; width = 64 x depth (gpu: 20)")
+parser.add_argument("--max-seq-len", type=int, default=None, help="context length in tokens (gpu: 2048)")
 parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
 # horizon: the first of these that is set (> 0) wins
-parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
-parser.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: unused)")
-parser.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla: 20)")
+parser.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (gpu: -1, derive)")
+parser.add_argument("--target-flops", type=float, default=None, help="training FLOPs budget (gpu: -1, unused)")
+parser.add_argument("--target-param-data-ratio", type=float, default=None, help="tokens per parameter (gpu: 20, Chinchilla)")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
-parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="sequences per forward pass per process (gpu: what fits the GPU's memory, up to 32; CPU: 4)")
+parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (gpu: 524,288)")
 # optimizers and schedule
 parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
 parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
@@ -53,12 +62,13 @@ parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
 parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the initial")
 # evaluation, sampling, checkpoints
-parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
-parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
-parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: off)")
+parser.add_argument("--eval-every", type=int, default=None, help="val bpb every N steps (-1: only at the end; gpu: 250)")
+parser.add_argument("--eval-tokens", type=int, default=None,
+                    help="validation tokens per val bpb (gpu: 20 x 524,288 on CUDA, 8 device batches elsewhere)")
+parser.add_argument("--core-metric-every", type=int, default=None, help="CORE every N steps (-1: off; gpu: 2000)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
-parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
-parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--sample-every", type=int, default=None, help="print samples every N steps (-1: off; gpu: 2000)")
+parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (-1: only at the end; gpu: 1000)")
 parser.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints, delete older ones (0: keep all)")
 parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
@@ -70,12 +80,10 @@ user_config = vars(args).copy()
 # -----------------------------------------------------------------------------
 # Stage setup: device, precision, compile, wandb, report, checkpoint dir
 try:
-    stage = setup_stage("base", args.device_type, args.run, user_config, compile_flag=args.compile,
-                        model_tag=args.model_tag or f"d{args.depth}")
+    stage = setup_stage("base", args.device_type, args.run, user_config, compile_flag=args.compile)
 except ValueError as e:
     sys.exit(f"base_train: {e}")
 device, world_size, autocast_ctx = stage.device, stage.world_size, stage.autocast_ctx
-checkpoint_dir = stage.checkpoint_dir
 
 # Tokenizer
 try:
@@ -85,12 +93,20 @@ except FileNotFoundError as e:
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
+# The run's shape: model size, batch, horizon, evaluation budget (exactly what scripts.plan printed)
+try:
+    shape = run_shape(args.preset, device.type, world_size, vocab_size=vocab_size, **shape_flags(args))
+except RunShapeError as e:
+    sys.exit(f"base_train: {e}")
+user_config.update(depth=shape.depth, max_seq_len=shape.max_seq_len, device_batch_size=shape.device_batch_size,
+                   total_batch_size=shape.total_batch_size, num_iterations=shape.num_iterations,
+                   eval_every=shape.eval_every, eval_tokens=shape.eval_tokens)
+stage.model_tag = args.model_tag or shape.model_tag
+checkpoint_dir = stage.checkpoint_dir
+
 # -----------------------------------------------------------------------------
 # Model
-try:
-    model_config = GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len)
-except ValueError as e:
-    sys.exit(f"base_train: {e}")
+model_config = GPTConfig.from_depth(shape.depth, vocab_size=vocab_size, sequence_len=shape.max_seq_len)
 with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
@@ -100,28 +116,9 @@ num_params = model.num_scaling_params()
 flops_per_token = model.estimate_flops()
 
 # Batch: gradient accumulation makes up total_batch_size from device batches on every process
-try:
-    grad_accum_steps = get_grad_accum_steps("--total-batch-size", args.total_batch_size, {
-        "--device-batch-size": args.device_batch_size, "--max-seq-len": args.max_seq_len, "processes": world_size})
-except ValueError as e:
-    sys.exit(f"base_train: {e}")
-world_tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-
-# Horizon
-if args.num_iterations > 0:
-    num_iterations = args.num_iterations
-    horizon = "--num-iterations"
-elif args.target_flops > 0:
-    num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-    horizon = f"--target-flops {args.target_flops:e}"
-elif args.target_param_data_ratio > 0:
-    num_iterations = int(args.target_param_data_ratio * num_params) // args.total_batch_size
-    horizon = f"--target-param-data-ratio {args.target_param_data_ratio}"
-else:
-    sys.exit("base_train: set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
-if num_iterations < 1:
-    sys.exit(f"base_train: the horizon ({horizon}) gives {num_iterations} steps; raise it or lower --total-batch-size")
-total_tokens = args.total_batch_size * num_iterations
+grad_accum_steps = shape.grad_accum_steps
+num_iterations, horizon = shape.num_iterations, shape.horizon
+total_tokens = shape.tokens
 
 # Optimizers
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -140,9 +137,9 @@ if args.resume or args.resume_from_step >= 0:
         sys.exit(f"base_train: cannot resume: {e}. Drop --resume to start a new run.")
     if meta.get("tokenizer_hash") != tokenizer.content_hash():
         sys.exit("base_train: cannot resume: the tokenizer changed since the checkpoint was written")
-    if meta["num_iterations"] != num_iterations or meta["total_batch_size"] != args.total_batch_size:
+    if meta["num_iterations"] != num_iterations or meta["total_batch_size"] != shape.total_batch_size:
         print0(f"warning: resuming a run planned for {meta['num_iterations']} steps of {meta['total_batch_size']} tokens "
-               f"with {num_iterations} steps of {args.total_batch_size} tokens: the LR schedule changes")
+               f"with {num_iterations} steps of {shape.total_batch_size} tokens: the LR schedule changes")
     start_step = resume_step
     loop_state = meta["loop_state"]
 
@@ -151,24 +148,24 @@ if stage.use_compile:
 
 # Data
 train_batches = PrefetchingLoader(tokenizing_distributed_data_loader(
-    args.device_batch_size, args.max_seq_len, "train", device=device, resume_state_dict=loader_state), loader_state)
+    shape.device_batch_size, shape.max_seq_len, "train", device=device, loader_state=loader_state), loader_state)
 
 
 def build_val_loader():
-    return without_state(tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "val",
+    return without_state(tokenizing_distributed_data_loader(shape.device_batch_size, shape.max_seq_len, "val",
                                                             device=device))
 
 
 # -----------------------------------------------------------------------------
 # The plan
-print0(f"model: {stage.model_tag} | depth {args.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
-       f"vocab {vocab_size} | seq {args.max_seq_len}")
+print0(f"model: {stage.model_tag} | depth {shape.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
+       f"vocab {vocab_size} | seq {shape.max_seq_len}")
 print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
-print0(f"batch: {args.total_batch_size:,} tokens per step = {args.device_batch_size} x {args.max_seq_len} x "
+print0(f"batch: {shape.total_batch_size:,} tokens per step = {shape.device_batch_size} x {shape.max_seq_len} x "
        f"{world_size} processes x {grad_accum_steps} accumulation steps")
 print0(f"horizon ({horizon}): {num_iterations:,} steps, {total_tokens:,} tokens "
        f"({total_tokens / num_params:.1f} tokens per parameter), {flops_per_token * total_tokens:e} FLOPs")
-core_metric_every = args.core_metric_every
+core_metric_every = shape.core_metric_every
 if core_metric_every > 0:
     try:
         ensure_eval_bundle(device)  # download (or fail) now rather than thousands of steps in
@@ -179,7 +176,7 @@ if core_metric_every > 0:
 clock = StageClock(loop_state, device_index=stage.local_rank)
 loss_log = LossLog(loop_state, "base_train", "lower the learning rates or resume from an earlier checkpoint with "
                    "--resume-from-step")
-meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=args.total_batch_size,
+meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=shape.total_batch_size,
                       flops_per_unit=flops_per_token, peak_flops=stage.peak_flops)
 
 
@@ -187,9 +184,9 @@ def save(step):
     """Checkpoint after `step` optimizer steps (every rank calls this)."""
     meta = {
         "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
-        "total_batch_size": args.total_batch_size, "val_bpb": val_bpb, "loop_state": loop_state,
-        "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": args.device_batch_size,
-        "max_seq_len": args.max_seq_len,
+        "total_batch_size": shape.total_batch_size, "val_bpb": val_bpb, "loop_state": loop_state,
+        "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": shape.device_batch_size,
+        "max_seq_len": shape.max_seq_len,
     }
     clock.update()
     save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.loader_state)
@@ -205,9 +202,9 @@ for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
 
     # val bpb
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+    if last_step or (shape.eval_every > 0 and step % shape.eval_every == 0):
         model.eval()
-        eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
+        eval_steps = shape.eval_steps
         with autocast_ctx:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
@@ -228,7 +225,7 @@ for step in range(start_step, num_iterations + 1):
         orig_model.train()
 
     # samples
-    if stage.master_process and (last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+    if stage.master_process and (last_step or (shape.sample_every > 0 and step % shape.sample_every == 0 and step > 0)):
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         for prompt in ["The capital of France is", "The chemical symbol of gold is", "The opposite of hot is",
@@ -240,7 +237,7 @@ for step in range(start_step, num_iterations + 1):
         orig_model.train()
 
     # checkpoint
-    if should_save(step, start_step, last_step, args.save_every):
+    if should_save(step, start_step, last_step, shape.save_every):
         save(step)
 
     if last_step:
@@ -280,7 +277,7 @@ stage.report.log("Base model training", [
      "minimum val bpb": loop_state["min_val_bpb"], "final val bpb": val_bpb,
      "CORE metric": loop_state.get("core_metric", "n/a"),
      "MFU (steady state)": "n/a" if mfu is None else f"{mfu:.2f}%",
-     "tok/s (steady state)": f"{args.total_batch_size / sps:,.0f}" if sps else "n/a",
+     "tok/s (steady state)": f"{shape.total_batch_size / sps:,.0f}" if sps else "n/a",
      "training time": format_duration(loop_state["total_training_time"]),
      "peak memory": f"{peak_mem:.2f} GiB" if peak_mem else "n/a", **clock.report_items()},
 ])

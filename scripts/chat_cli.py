@@ -20,13 +20,13 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
-from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir
+from nanochat.checkpoint_manager import STAGE_DIRS, find_default_source, load_model
+from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init
 from nanochat.engine import Engine, TokenDecoder
 
 # Flags
 parser = ArgumentParser(description="Chat with a trained model in the terminal")
-parser.add_argument("--source", default=None, choices=list(SOURCES), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
+parser.add_argument("--source", default=None, choices=list(STAGE_DIRS), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
 parser.add_argument("--model-tag", default=None, help="default: the largest tag of the source")
 parser.add_argument("--step", type=int, default=None, help="default: the last step")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
@@ -46,7 +46,7 @@ try:
     _, _, _, _, device = compute_init(device_type)
     source = args.source or find_default_source()
     model, tokenizer, meta = load_model(source, device, "eval", model_tag=args.model_tag, step=args.step)
-    model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), meta["step"]
+    model_tag, step = meta["model_tag"], meta["step"]
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"chat_cli: {e}")
 dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else autodetect_dtype(device_type)

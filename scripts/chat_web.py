@@ -50,8 +50,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.checkpoint_manager import SOURCES, find_default_source, find_largest_model, load_model
-from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, get_base_dir, print0
+from nanochat.checkpoint_manager import STAGE_DIRS, find_default_source, load_model
+from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, print0
 from nanochat.engine import Engine, TokenDecoder
 
 # Limits on one request; each error message states the number
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     """The command line (default: sys.argv) -> argparse.Namespace; exits with a message when a
     sampling default is out of range."""
     parser = ArgumentParser(description="Chat with a trained model in the browser, or through an OpenAI-compatible API")
-    parser.add_argument("--source", default=None, choices=list(SOURCES), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
+    parser.add_argument("--source", default=None, choices=list(STAGE_DIRS), help="default: the most advanced stage with a checkpoint (rl > sft > mid > base)")
     parser.add_argument("--model-tag", default=None, help="default: the largest tag of the source")
     parser.add_argument("--step", type=int, default=None, help="default: the last step")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
@@ -635,7 +635,7 @@ def main():
         else:
             devices = [torch.device(device_type)]
         replicas = [load_model(source, devices[0], "eval", model_tag=args.model_tag, step=args.step)]
-        model_tag, step = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0])), replicas[0][2]["step"]
+        model_tag, step = replicas[0][2]["model_tag"], replicas[0][2]["step"]
         replicas += [load_model(source, device, "eval", model_tag=model_tag, step=step) for device in devices[1:]]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"chat_web: {e}")

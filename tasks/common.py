@@ -176,8 +176,6 @@ def in_test_split(key):
 # -----------------------------------------------------------------------------
 # The Hugging Face Hub
 
-hub_available = hub_reachable  # the name tasks/mixtures.py imports; one check for the whole repo
-
 
 def load_hub_dataset(path, name=None, split="train", data_files=None):
     """Load one split of a Hub dataset with `datasets.load_dataset`, or rows from local files.

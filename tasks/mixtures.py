@@ -21,7 +21,8 @@ from typing import Callable
 
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
-from tasks.common import TaskMixture, hub_available
+from nanochat.common import hub_reachable
+from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.dictionary import DefineWord, DefinitionMC
 from tasks.gsm8k import GSM8K
@@ -59,7 +60,7 @@ def resolve_data_mode(data):
         raise ValueError(f"--data must be one of {list(DATA_MODES)}, got {data!r}")
     if data != "auto":
         return data
-    if hub_available():
+    if hub_reachable():
         return "online"
     bar = "!" * 78
     print(f"{bar}\n!! The Hugging Face Hub is unreachable: using the OFFLINE data (WordNet, generated\n"

@@ -228,6 +228,23 @@ def test_indivisible_batch_is_a_clear_error(tmp_path):
     assert "--total-batch-size" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_plan_is_the_run(tmp_path):
+    """scripts.plan (what speedrun_dgx.sh prints) and base_train size a run with the same
+    run_shape: a preset's defaults under the user's flags, extra arguments included."""
+    base = make_base_dir(str(tmp_path / "run"))
+    user = ["--depth", "2", "--max-seq-len", str(T), "--device-batch-size", str(B), "--total-batch-size",
+            str(2 * B * T), "--num-iterations", "3", "--save-every", "-1"]
+    plan = subprocess.run([sys.executable, "-m", "scripts.plan", "--preset", "tiny", "--", *user], cwd=REPO,
+                          env=run_env(base), capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    proc = run_train(base, "--preset", "tiny", *user)
+    assert "model: d2 " in proc.stdout and sorted(losses(proc.stdout)) == [1, 2, 3]
+    assert f"pretraining (--num-iterations): 3 steps x {2 * B * T:,} tokens" in plan.stdout
+    assert f"horizon (--num-iterations): 3 steps, {3 * 2 * B * T:,} tokens" in proc.stdout
+    assert f"= {B} x {T} x 1 processes x 2 accumulation steps" in plan.stdout
+    assert f"= {B} x {T} x 1 processes x 2 accumulation steps" in proc.stdout
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_accumulation(tmp_path):
     one = make_base_dir(str(tmp_path / "one"))

@@ -108,7 +108,7 @@ def test_resume_after_every_batch_continues_exactly(shards, B, T):
     for k in range(1, num - 3):
         state = reference[k - 1][2]
         positions.add((state["epoch"], state["shard_index"], state["row_group_index"], state["token_offset"] > 0))
-        resumed = make_loader(B, T, resume_state_dict=dict(state), tokenizer_batch_size=3)
+        resumed = make_loader(B, T, loader_state=dict(state), tokenizer_batch_size=3)
         for (x, y, s), (rx, ry, rs) in zip(reference[k:k + 3], take(resumed, 3)):
             assert torch.equal(x, rx) and torch.equal(y, ry) and s == rs
     # the resume points crossed row groups, shards and epochs, mid-document and at document starts
@@ -140,21 +140,21 @@ def test_ranks_read_disjoint_strided_row_groups(shards):
 def test_resume_state_of_another_rank_is_refused(shards):
     _, _, state = next(make_loader(rank=1, world_size=2))
     with pytest.raises(ValueError, match="rank 1 of 2"):
-        next(make_loader(rank=0, world_size=2, resume_state_dict=state))
+        next(make_loader(rank=0, world_size=2, loader_state=state))
     with pytest.raises(ValueError, match="lacks"):
-        next(make_loader(resume_state_dict={"shard_index": 0}))
+        next(make_loader(loader_state={"shard_index": 0}))
 
 
 def test_resume_state_that_does_not_fit_the_data_is_refused(shards):
     _, _, state = next(make_loader())
     with pytest.raises(ValueError, match="token 10000, which does not exist"):
-        next(make_loader(resume_state_dict={**state, "token_offset": 10_000}))
+        next(make_loader(loader_state={**state, "token_offset": 10_000}))
     with pytest.raises(ValueError, match=r"document \(0, 0, 0, 99\)"):  # past the row group's documents
-        next(make_loader(resume_state_dict={**state, "row_group_index": 0, "doc_index": 99}))
+        next(make_loader(loader_state={**state, "row_group_index": 0, "doc_index": 99}))
     with pytest.raises(ValueError, match="does not exist"):  # past the shard's row groups
-        next(make_loader(resume_state_dict={**state, "row_group_index": 50}))
+        next(make_loader(loader_state={**state, "row_group_index": 50}))
     with pytest.raises(ValueError, match="shards in base_data/ changed"):
-        next(make_loader(resume_state_dict={**state, "shard_index": 7}))
+        next(make_loader(loader_state={**state, "shard_index": 7}))
 
 
 def test_more_ranks_than_row_groups_is_an_error(shards):

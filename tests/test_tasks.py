@@ -394,18 +394,20 @@ def test_offline_mixtures(identity_file):
 
 def test_missing_identity_file_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="dev.gen_identity_data"):
-        mixtures.sft_mixture("offline", "train", sizes={"define_word": 1})
+    with pytest.raises(FileNotFoundError, match="dev.gen_identity_data"):  # a path the user named must exist
+        mixtures.sft_mixture("offline", "train", sizes={"define_word": 1}, identity=str(tmp_path / "mine.jsonl"))
+    mixtures.sft_mixture("offline", "train", sizes={"define_word": 1})  # the default set is written when missing
+    assert (tmp_path / "identity_conversations.jsonl").exists()
 
 
 def test_resolve_data_mode(monkeypatch, capsys):
     assert mixtures.resolve_data_mode("offline") == "offline"
     with pytest.raises(ValueError, match="--data"):
         mixtures.resolve_data_mode("maybe")
-    monkeypatch.setattr(mixtures, "hub_available", lambda: False)
+    monkeypatch.setattr(mixtures, "hub_reachable", lambda: False)
     assert mixtures.resolve_data_mode("auto") == "offline"
     assert "OFFLINE" in capsys.readouterr().out
-    monkeypatch.setattr(mixtures, "hub_available", lambda: True)
+    monkeypatch.setattr(mixtures, "hub_reachable", lambda: True)
     assert mixtures.resolve_data_mode("auto") == "online"
 
 
