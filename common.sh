@@ -5,6 +5,9 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # the variables set here are read by the scripts that source this file
 
+# the repository root, absolute: the scripts may be started from anywhere, by a relative path
+NANOCHAT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 depth=""               # empty: the preset's (nanochat/run_shape.py)
 device_batch_size=""   # empty: the preset's, or what fits the GPU
 run=dummy
@@ -49,7 +52,7 @@ parse_flags() {
 # The environment every script needs: the repo root as working directory, the base dir, the GPU
 # settings setup.sh wrote (.nanochat_env), and the venv ($py). Used by chat.sh and chat_cli.sh too.
 enter_env() {
-    cd "$(dirname "${BASH_SOURCE[0]}")" || exit 1
+    cd "$NANOCHAT_ROOT" || exit 1
     export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     # shellcheck disable=SC1091  # written by setup.sh; optional
     [ -f .nanochat_env ] && source .nanochat_env
@@ -79,6 +82,7 @@ setup_env() {
     local shape
     shape=$("$py" -m scripts.plan --shell "${plan[@]}") || exit 2
     eval "$shape"
+    plan_args  # again, with the resolved shape and data mode (no second Hub probe)
     if [ "$nproc" -gt 1 ]; then
         launch=("$PWD/.venv/bin/torchrun" --standalone "--nproc_per_node=$nproc" -m)
     else
@@ -88,7 +92,7 @@ setup_env() {
 
 # run_stage NAME CMD...: run a stage once; its output goes to the terminal and logs/NAME.log,
 # and a marker logs/NAME.done records that it finished: speedrun_dgx.sh skips finished stages
-# when re-run; the single-stage scripts set rerun=1 and always run theirs.
+# when re-run; with --only STAGE (the single-stage scripts) rerun=1 and the stage always runs.
 run_stage() {
     local name="$1"; shift
     if [ "${rerun:-0}" = 0 ] && [ -f "$logs/$name.done" ]; then

@@ -15,10 +15,10 @@ Usage: ./setup.sh [--offline-data] [--help]
   --offline-data   also apt-get install the Debian text packages listed in
                    dev/offline_packages.txt and build the offline pretraining corpus
                    into $NANOCHAT_BASE_DIR/base_data
+  --help           show this message
 
 Debian packages are installed with apt-get (through sudo when you are not root) only when
 missing: dev/apt_packages.txt always, dev/offline_packages.txt with --offline-data.
-  --help           show this message
 
 Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) is where data and checkpoints go.
 USAGE
@@ -80,8 +80,8 @@ apt_install_missing() {
         sudo="sudo"
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "[setup] missing packages ${missing[*]} and no apt-get here: install their files with your system's" \
-             "package manager (a word list at /usr/share/dict/words, WordNet 3.0 at /usr/share/wordnet)" >&2
+        echo "[setup] missing Debian packages ${missing[*]} and no apt-get here: install them, or what they" \
+             "hold, with your system's package manager" >&2
         exit 1
     fi
     echo "[setup] apt-get install ${missing[*]}"
@@ -90,8 +90,17 @@ apt_install_missing() {
 }
 packages() { grep -v -e '^#' -e '^$' "$1"; }
 
-mapfile -t pkgs < <(packages dev/apt_packages.txt)
-apt_install_missing "${pkgs[@]}"
+# the chat tasks' files: installed with apt where there is one; elsewhere a warning that names them
+pkgs=()
+while read -r pkg path; do
+    [ -e "$path" ] || pkgs+=("$pkg")
+done < <(packages dev/apt_packages.txt)
+if [ ${#pkgs[@]} -gt 0 ] && ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] WARNING: no apt-get here, and the chat tasks need what Debian's ${pkgs[*]} install" \
+         "(dev/apt_packages.txt lists the paths): install those with your system's package manager" >&2
+elif [ ${#pkgs[@]} -gt 0 ]; then
+    apt_install_missing "${pkgs[@]}"
+fi
 if [ "$offline_data" = 1 ]; then
     mapfile -t pkgs < <(packages dev/offline_packages.txt)
     apt_install_missing "${pkgs[@]}"

@@ -36,7 +36,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_flags "$@"
 
 # Setup (idempotent: a fresh clone needs nothing else)
-cd "$(dirname "${BASH_SOURCE[0]}")"
+cd "$NANOCHAT_ROOT"
 ./setup.sh
 setup_env
 log="$logs/speedrun_$(date +%Y%m%d_%H%M%S).log"

@@ -33,9 +33,7 @@ REQUIRED_PACKAGES = ["torch", "rustbpe", "tiktoken", "fastapi", "uvicorn", "pyar
 # module -> what is lost without it (the pipeline runs either way)
 OPTIONAL_PACKAGES = {"matplotlib": "the report's loss plots", "pynvml": "the report's GPU energy (nvidia-ml-py)"}
 
-# The run's shape (model size, batch, steps) comes from nanochat/run_shape.py, as for base_train.
-BASE_SAVE_EVERY = 1000  # base_train --save-every
-BASE_KEEP_CHECKPOINTS = 3  # base_train --keep-checkpoints: older base checkpoints are deleted
+# The run's shape (model size, batch, steps, checkpoints) comes from nanochat/run_shape.py, as for base_train.
 # Pretraining data, from upstream's speedrun.sh (https://github.com/karpathy/nanochat/blob/master/speedrun.sh):
 # the tokenizer gives ~4.8 chars/token on FineWeb-EDU, and a shard holds ~250M chars in ~100 MB.
 CHARS_PER_TOKEN = 4.8
@@ -285,12 +283,15 @@ def resolve_shape(depth, device_batch_size, gpu):
         return run_shape("gpu", **where, depth=depth), e
 
 
-def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, save_every=BASE_SAVE_EVERY,
-                  keep=BASE_KEEP_CHECKPOINTS, total_batch_size=524288):
+def estimate_disk(params, optimizer_bytes, tokens, shards_present, download, save_every, total_batch_size,
+                  keep=None):
     """Bytes a run still writes: the shards not yet downloaded (none when `download` is False:
     offline, the corpus is what it is) and every checkpoint (fp32 model state dict + optimizer
     state; base_train saves one per `save_every` steps and keeps the last `keep`, so at most
-    keep + 1 exist while a new one is written; the chat stages CHAT_CHECKPOINTS). Returns (bytes, a one-line breakdown, shards the pretraining reads)."""
+    keep + 1 exist while a new one is written; the chat stages CHAT_CHECKPOINTS). Returns (bytes, a one-line
+    breakdown, shards the pretraining reads). Sizes in bytes, tokens in tokens. keep None: base_train's default."""
+    if keep is None:
+        from nanochat.run_shape import KEEP_CHECKPOINTS as keep
     shards = math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD) + 1  # + the validation shard
     to_download = max(shards - shards_present, 0) if download else 0
     steps = math.ceil(tokens / total_batch_size)
@@ -356,7 +357,7 @@ def run_checks(depth, device_batch_size):
     params, tokens, total_flops = shape.num_params, shape.tokens, shape.training_flops
     online = hub_reachable()
     disk_need, disk_detail, shards_needed = estimate_disk(params, shape.optimizer_bytes, tokens, shards_present, online,
-                                                          total_batch_size=shape.total_batch_size)
+                                                          shape.save_every, shape.total_batch_size)
     disk_path = existing_ancestor(base_dir())
     ptxas_path = os.environ.get("TRITON_PTXAS_PATH") or None
     compile_error = compile_probe_error() if gpu else None

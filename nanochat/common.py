@@ -199,6 +199,7 @@ def atomic_write(path, data):
     os.makedirs(dir_path, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=dir_path, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -216,6 +217,36 @@ def atomic_write(path, data):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class ProgressPrinter:
+    """The progress line of a long loop that has no per-step line of its own (an evaluation):
+    "<label>: 120/1000 <unit> (12%) | 31s | eta 3m47s" on rank 0, at most once every `every_s`
+    seconds and never for the last item, so a loop that ends sooner prints nothing.
+
+    Call update(done) after each item; done counts items finished (1..total).
+    """
+
+    def __init__(self, label, total, unit, every_s=30.0):
+        import time
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.clock = time.perf_counter
+        self.t0 = self.last = self.clock()
+
+    def update(self, done):
+        now = self.clock()
+        if now - self.last >= self.every_s and done < self.total:
+            eta = (now - self.t0) / done * (self.total - done)  # queued device work: errs on the short side
+            print0(f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%) | "
+                   f"{format_duration(now - self.t0)} | eta {format_duration(eta)}")
+            self.last = now
 
 
 def format_duration(seconds):
@@ -240,7 +271,6 @@ def hub_reachable(timeout=3.0):
     online or offline data.
 
     False without asking when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to 1.
-    `python -m nanochat.common hub` prints online or offline (for the shell scripts).
     """
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
@@ -278,10 +308,3 @@ def gpu_memory_bytes(device_index=0):
     unified = is_unified_memory(props.name, getattr(props, "is_integrated", False))
     return (psutil.virtual_memory().total if unified else props.total_memory), unified
 
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] == ["hub"]:
-        print("online" if hub_reachable() else "offline")
-    else:
-        sys.exit("usage: python -m nanochat.common hub   (prints online or offline)")

@@ -171,8 +171,8 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
 def read_window(pending, head_offset, window, stride, outs, fields):
     """Copy the next `window` tokens of a stream of documents into `outs`, then advance it by `stride`.
 
-    The stream is `pending`, a deque of documents of which docs[0]'s first `head_offset` tokens
-    are already consumed; fields(doc) gives a document's parallel token sequences (its ids, and
+    The stream is `pending`, a deque of documents of which pending[0]'s first `head_offset`
+    tokens are already consumed; fields(doc) gives a document's parallel token sequences (its ids, and
     for chat its loss mask), one per list/array in `outs`, which are extended in place. Documents
     used up by the first `stride` tokens are popped. Returns the new head_offset. `pending` must
     hold at least `window` tokens. Shared by the pretraining and the midtraining loaders, whose

@@ -13,12 +13,11 @@ Not for: the CORE metric (core_eval.py) or chat task accuracy (scripts/chat_eval
 """
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import format_duration, print0
+from nanochat.common import ProgressPrinter
 
 
 @torch.no_grad()
@@ -46,7 +45,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_every_s=30.0):
     """
     if steps <= 0:
         raise ValueError(f"evaluate_bpb: steps must be positive, got {steps}")
-    t0 = last_print = time.perf_counter()
+    progress = ProgressPrinter("evaluate_bpb", steps, "batches", progress_every_s)
     for step in range(steps):
         batch = next(batches, None)
         if batch is None:
@@ -65,13 +64,7 @@ def evaluate_bpb(model, batches, steps, token_bytes, progress_every_s=30.0):
         counted = num_bytes > 0
         total_nats += torch.where(counted, loss.to(acc_dtype), 0).sum()
         total_bytes += num_bytes.sum()
-        now = time.perf_counter()
-        if now - last_print >= progress_every_s and step + 1 < steps:
-            # the device may still be working through queued batches: the ETA errs on the short side
-            eta = (now - t0) / (step + 1) * (steps - step - 1)
-            print0(f"evaluate_bpb: {step + 1}/{steps} batches ({100 * (step + 1) / steps:.0f}%) | "
-                   f"{format_duration(now - t0)} | eta {format_duration(eta)}")
-            last_print = now
+        progress.update(step + 1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)

@@ -131,7 +131,6 @@ def get_grad_accum_steps(total_flag, total, per_pass):
     return total // per_step
 
 
-
 def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """Multiplier on every param group's initial_lr at `step` (0-based).
 

@@ -27,7 +27,7 @@ from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.run_shape import PRESETS, RunShapeError, run_shape, shape_flags
+from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_shape, shape_flags
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier,
                                get_muon_momentum, setup_stage, should_save, train_step)
@@ -69,7 +69,8 @@ parser.add_argument("--core-metric-every", type=int, default=None, help="CORE ev
 parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1: all)")
 parser.add_argument("--sample-every", type=int, default=None, help="print samples every N steps (-1: off; gpu: 2000)")
 parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (-1: only at the end; gpu: 1000)")
-parser.add_argument("--keep-checkpoints", type=int, default=3, help="keep the last N checkpoints, delete older ones (0: keep all)")
+parser.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS,
+                    help=f"keep the last N checkpoints, delete older ones (0: keep all; default {KEEP_CHECKPOINTS})")
 parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -98,9 +99,7 @@ try:
     shape = run_shape(args.preset, device.type, world_size, vocab_size=vocab_size, **shape_flags(args))
 except RunShapeError as e:
     sys.exit(f"base_train: {e}")
-user_config.update(depth=shape.depth, max_seq_len=shape.max_seq_len, device_batch_size=shape.device_batch_size,
-                   total_batch_size=shape.total_batch_size, num_iterations=shape.num_iterations,
-                   eval_every=shape.eval_every, eval_tokens=shape.eval_tokens)
+user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
 stage.model_tag = args.model_tag or shape.model_tag
 checkpoint_dir = stage.checkpoint_dir
 

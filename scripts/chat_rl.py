@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
-from nanochat.common import ArgumentParser, compute_cleanup, format_duration, get_dist_info, print0
+from nanochat.common import ArgumentParser, ProgressPrinter, compute_cleanup, format_duration, get_dist_info, print0
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.training import ProgressMeter, get_lr_multiplier, set_lr_and_momentum, setup_stage, should_save
@@ -137,7 +137,9 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_n
     _, rank, _, world_size = get_dist_info()
     device = engine.model.lm_head.weight.device
     correct, solved, problems = 0.0, 0.0, 0.0
-    for i in range(rank, min(num_examples, len(task)), world_size):
+    indices = range(rank, min(num_examples, len(task)), world_size)
+    progress = ProgressPrinter("val pass@k", len(indices), "problems on this process")
+    for i in indices:
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         results, _ = engine.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
@@ -146,6 +148,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_n
         correct += sum(rewards) / num_samples
         solved += float(max(rewards) > 0)
         problems += 1
+        progress.update(int(problems))
     correct, solved, problems = _sum_over_processes([correct, solved, problems], device)
     return correct / max(problems, 1), solved / max(problems, 1)
 

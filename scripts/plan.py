@@ -26,6 +26,7 @@ import torch
 
 from nanochat.common import ArgumentParser, autodetect_device_type, format_duration, get_peak_flops, hub_reachable
 from nanochat.run_shape import PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds, run_shape, shape_flags
+from nanochat.tokenizer import get_tokenizer
 
 parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
 parser.add_argument("--preset", default="gpu", choices=list(PRESETS))
@@ -49,6 +50,11 @@ extra, _ = shape_parser.parse_known_args(extra_args)
 flags = {k: v for k, v in shape_flags(extra).items() if v is not None}
 flags.setdefault("depth", args.depth)
 flags.setdefault("device_batch_size", args.device_batch_size)
+# the model is sized with the trained tokenizer's vocabulary once there is one, as base_train sizes it
+try:
+    flags["vocab_size"] = get_tokenizer().get_vocab_size()
+except FileNotFoundError:
+    pass
 
 device_type = autodetect_device_type()
 data = args.data
@@ -62,6 +68,10 @@ except RunShapeError as e:
     sys.exit(f"plan: {e}")
 if data == "auto":
     data = preset_data or ("online" if hub_reachable() else "offline")
+    if data == "offline" and not preset_data:  # a real run without the Hub: say so loudly, once
+        print("*** huggingface.co is unreachable: using the OFFLINE data (the Debian-package corpus, chat tasks "
+              "generated here), far smaller than FineWeb-EDU; pass --data online to insist on the Hub ***",
+              file=sys.stderr)
 
 if args.shell:
     def assign(name, value):
@@ -72,7 +82,8 @@ if args.shell:
     # base_train gets the preset and the resolved device batch; it resolves the rest with run_shape itself
     base_args = ["--preset", args.preset, "--depth", str(shape.depth), "--device-batch-size", str(shape.device_batch_size)]
     for name, value in [("depth", shape.depth), ("model_tag", shape.model_tag), ("seq_len", shape.max_seq_len),
-                        ("vocab_size", shape.vocab_size), ("device_batch_size", shape.device_batch_size),
+                        ("vocab_size", PRESETS[args.preset]["base"]["vocab_size"]),  # what tok_train trains
+                        ("device_batch_size", shape.device_batch_size),
                         ("total_batch_size", shape.total_batch_size), ("data", data), ("base_args", base_args),
                         *[(f"{stage}_args", shape.stage_args[stage]) for stage in shape.stage_args]]:
         assign(name, value)

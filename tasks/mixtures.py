@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from nanochat.common import hub_reachable
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
-from nanochat.common import hub_reachable
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.dictionary import DefineWord, DefinitionMC

@@ -39,12 +39,13 @@ def test_d20_size_and_gb10_estimate():
 
 def test_disk_estimate_and_decision():
     need, detail, shards = ve.estimate_disk(params=1e9, optimizer_bytes=5e9, tokens=20e9, shards_present=10,
-                                            download=True, save_every=1000)
+                                            download=True, save_every=1000, total_batch_size=524288)
     assert shards == 385  # ceil(20e9 * 4.8 / 250e6) + 1 validation shard
     checkpoints = 4 + ve.CHAT_CHECKPOINTS  # 39 base saves, of which the last 3 are kept (+1 while saving)
     assert need == pytest.approx(375 * 100e6 + checkpoints * 9e9)
     assert "375 shards" in detail
-    offline_need, _, _ = ve.estimate_disk(1e9, 5e9, 20e9, 10, download=False, save_every=1000)
+    offline_need, _, _ = ve.estimate_disk(1e9, 5e9, 20e9, 10, download=False, save_every=1000,
+                                          total_batch_size=524288)
     assert offline_need == pytest.approx(checkpoints * 9e9)
     assert ve.check_disk(free_bytes=10e9, need_bytes=need, path="/data", detail=detail).status == "FAIL"
     ok = ve.check_disk(free_bytes=2 * need, need_bytes=need, path="/data", detail=detail)
