@@ -38,8 +38,10 @@ parser.add_argument("--data", default="auto", choices=["auto", "online", "offlin
 parser.add_argument("--model-tag", default=None, help="base model tag to start from (default: the largest)")
 parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the last)")
 parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's)")
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per process")
-parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+parser.add_argument("--device-batch-size", type=int, default=None,
+                    help="rows per forward pass per process (default: the pretraining run's, else 32)")
+parser.add_argument("--total-batch-size", type=int, default=None,
+                    help="tokens per optimizer step (default: the pretraining run's, else 524,288)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
 parser.add_argument("--embedding-lr", type=float, default=0.2)
 parser.add_argument("--unembedding-lr", type=float, default=0.004)
@@ -47,7 +49,8 @@ parser.add_argument("--matrix-lr", type=float, default=0.02)
 parser.add_argument("--init-lr-frac", type=float, default=1.0, help="start at this fraction of the base LRs")
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
 parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1: only at the end)")
-parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per val bpb")
+parser.add_argument("--eval-tokens", type=int, default=None,
+                    help="validation tokens per val bpb (default: the pretraining run's, else 20 x 524,288)")
 parser.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this model tag")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -70,10 +73,17 @@ model_config = model.config
 T = args.max_seq_len or model_config.sequence_len
 if T > model_config.sequence_len:
     sys.exit(f"mid_train: --max-seq-len {T} exceeds the model's context of {model_config.sequence_len} tokens")
-B = args.device_batch_size
+
+# Batch and evaluation budget: the pretraining run's unless given, so that a run sized for this
+# machine (a CPU preset, a GPU's memory) stays so; upstream's for a checkpoint that records none.
+base_config = base_meta.get("user_config", {})
+B = args.device_batch_size or base_meta.get("device_batch_size") or 32
+total_batch_size = args.total_batch_size or base_meta.get("total_batch_size") or 524288
+eval_tokens = args.eval_tokens or base_config.get("eval_tokens") or 20 * 524288
+user_config.update(device_batch_size=B, total_batch_size=total_batch_size, eval_tokens=eval_tokens)
 world_tokens_per_fwdbwd = B * T * world_size
 try:
-    grad_accum_steps = get_grad_accum_steps("--total-batch-size", args.total_batch_size,
+    grad_accum_steps = get_grad_accum_steps("--total-batch-size", total_batch_size,
                                             {"--device-batch-size": B, "--max-seq-len": T, "processes": world_size})
     data = resolve_data_mode(args.data)
     train_set, val_set = mid_mixture(data, "train"), mid_mixture(data, "val")
@@ -86,7 +96,7 @@ if args.num_iterations > 0:
 else:
     sample = range(0, len(train_set), max(1, len(train_set) // 200))
     mean_tokens = sum(len(tokenizer.render_conversation(train_set[i], max_tokens=T + 1)[0]) for i in sample) / len(sample)
-    num_iterations = max(1, math.ceil(len(train_set) * mean_tokens / args.total_batch_size))
+    num_iterations = max(1, math.ceil(len(train_set) * mean_tokens / total_batch_size))
 
 # Optimizers, resume
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -107,12 +117,12 @@ train_batches = PrefetchingLoader(packed_conversation_loader(
 token_bytes = get_token_bytes(device=device)
 
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
-print0(f"batch: {args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} processes x "
+print0(f"batch: {total_batch_size:,} tokens per step = {B} x {T} x {world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
 clock = StageClock(loop_state, device_index=stage.local_rank)
 loss_log = LossLog(loop_state, "mid_train", "lower the learning rates (--init-lr-frac) or resume from an earlier "
                    "checkpoint")
-meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=args.total_batch_size,
+meter = ProgressMeter(num_iterations, start_step, unit="tok/s", units_per_step=total_batch_size,
                       flops_per_unit=orig_model.estimate_flops(), peak_flops=stage.peak_flops)
 
 # -----------------------------------------------------------------------------
@@ -126,7 +136,7 @@ for step in range(start_step, num_iterations + 1):
                                                                        world_size))
         try:
             with autocast_ctx:
-                val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // world_tokens_per_fwdbwd),
+                val_bpb = evaluate_bpb(model, val_loader, max(1, eval_tokens // world_tokens_per_fwdbwd),
                                        token_bytes)
         except ValueError as e:
             sys.exit(f"mid_train: {e}; raise --eval-tokens so the validation rows hold assistant tokens")

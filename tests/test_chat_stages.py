@@ -77,14 +77,16 @@ def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
 @pytest.mark.slow
 def test_mid_train_writes_under_the_tag_it_loaded(base_dir, tmp_path):
     """Without --model-tag mid_train starts from the largest base tag, and its checkpoints go
-    under that tag, whatever the model's depth (a downloaded d34 may be renamed, for example)."""
+    under that tag, whatever the model's depth (a downloaded d34 may be renamed, for example).
+    Without batch flags it takes the pretraining run's batch."""
     base_dir = shutil.copytree(base_dir, str(tmp_path / "tags"))
     shutil.rmtree(os.path.join(base_dir, "mid_checkpoints"), ignore_errors=True)
     shutil.copytree(os.path.join(base_dir, "base_checkpoints", "d2"), os.path.join(base_dir, "base_checkpoints", "d7"))
-    proc = run(base_dir, "scripts.mid_train", "--data=offline", "--device-batch-size=2", "--max-seq-len=64",
-               "--total-batch-size=128", "--num-iterations=1", "--eval-every=-1", "--eval-tokens=512")
+    proc = run(base_dir, "scripts.mid_train", "--data=offline", "--num-iterations=1", "--eval-every=-1", "--eval-tokens=512")
     assert "Loaded base model d7 step 4" in proc.stdout
     assert os.listdir(os.path.join(base_dir, "mid_checkpoints")) == ["d7"]
+    # no batch flags: the pretraining run's batch, not upstream's GPU-sized one
+    assert "batch: 128 tokens per step = 2 x 64 x 1 processes x 1 accumulation steps" in proc.stdout
 
 
 @pytest.mark.slow
