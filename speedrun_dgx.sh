@@ -9,7 +9,7 @@ set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-Usage: bash speedrun_dgx.sh [flags] [-- extra args for every stage's python script]
+Usage: bash speedrun_dgx.sh [flags] [-- extra args for every training script]
 
   --depth N               model depth (default: 20, or the preset's; width = 64 x depth)
   --device-batch-size N   sequences per forward pass (default: chosen for the GPU memory)
@@ -25,7 +25,8 @@ Usage: bash speedrun_dgx.sh [flags] [-- extra args for every stage's python scri
   --skip-rl               stop after SFT
   --num-shards N          FineWeb-EDU shards to download when online (default 240, ~24 GB)
   --price-per-kwh X       electricity price for the cost line of the report card
-  -- ARGS...              extra arguments for every stage's python script (e.g. -- --num-iterations 5)
+  -- ARGS...              extra arguments for every training script (base, mid, SFT, RL), e.g.
+                          -- --num-iterations 5; one stage's own flags go to its script (pretrain.sh ...)
   --help                  show this message
 
 Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) holds data, checkpoints, logs, report.
