@@ -26,7 +26,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir, get_dist_info, print0
+from nanochat.common import atomic_write, fsync_dir, get_base_dir, get_dist_info, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -50,17 +50,6 @@ def _optim_path(checkpoint_dir, step, rank):
 
 def _meta_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-
-
-def _fsync_dir(dir_path):
-    """Make a rename or unlink in `dir_path` durable (POSIX; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(dir_path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier():
@@ -111,7 +100,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         # describing a half-replaced set of files
         if os.path.exists(_meta_path(checkpoint_dir, step)):
             os.unlink(_meta_path(checkpoint_dir, step))
-            _fsync_dir(checkpoint_dir)
+            fsync_dir(checkpoint_dir)
     _barrier()
     if rank == 0:
         atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
@@ -385,7 +374,7 @@ def prune_checkpoints(checkpoint_dir, keep):
     old = list_steps(checkpoint_dir)[:-keep]
     for step in old:
         os.unlink(_meta_path(checkpoint_dir, step))
-        _fsync_dir(checkpoint_dir)
+        fsync_dir(checkpoint_dir)
         for name in os.listdir(checkpoint_dir):
             if name.startswith((f"model_{step:06d}", f"optim_{step:06d}_")):
                 os.unlink(os.path.join(checkpoint_dir, name))

@@ -212,11 +212,18 @@ def atomic_write(path, data):
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
-    dir_fd = os.open(dir_path, os.O_RDONLY)
+    fsync_dir(dir_path)
+
+
+def fsync_dir(dir_path):
+    """Make a rename or unlink in `dir_path` durable across a power cut (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(dir_path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def _umask():
