@@ -480,7 +480,9 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "ready": True, "workers": len(pool.workers), "model": model_id}
+        # defaults: what a request that leaves them out gets; the page starts its sliders there
+        return {"status": "ok", "ready": True, "workers": len(pool.workers), "model": model_id,
+                "defaults": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}}
 
     @app.get("/stats")
     async def get_stats():

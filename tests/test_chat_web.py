@@ -131,7 +131,8 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
 
 def test_models_health_stats(client):
     assert [m.id for m in in_process(client).models.list().data] == ["nanochat-sft-d1-step0"]
-    assert client.get("/health").json() == {"status": "ok", "ready": True, "workers": 1, "model": "nanochat-sft-d1-step0"}
+    assert client.get("/health").json() == {"status": "ok", "ready": True, "workers": 1, "model": "nanochat-sft-d1-step0",
+                                            "defaults": {"temperature": 0.6, "top_k": 50, "max_tokens": 512}}
     stats = client.get("/stats").json()
     assert stats["workers"] == {"total": 1, "busy": 0, "free": 1}
     assert {"requests_served", "tokens_generated", "tokens_per_second"} <= set(stats)

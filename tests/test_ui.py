@@ -22,8 +22,9 @@ def ui_server(start_server):
 
 @pytest.fixture(scope="module")
 def tiny_server(start_server):
-    """What the tiny run leaves: a model with a 512-token context, served with the default --max-tokens."""
-    return start_server("--model-tag", "tiny")
+    """What the tiny run leaves: a model with a 512-token context, served with the default --max-tokens
+    (and, as `./chat.sh -t 0.9 -k 7` would, other sampling defaults)."""
+    return start_server("--model-tag", "tiny", "--temperature", "0.9", "--top-k", "7")
 
 
 @pytest.fixture
@@ -66,6 +67,9 @@ def test_first_message_on_a_tiny_context_model(tiny_server, browser, tmp_path):
         page.keyboard.press("Enter")
     assert request.value.post_data_json["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
     assert "max_tokens" not in request.value.post_data_json
+    sent = request.value.post_data_json
+    assert (sent["temperature"], sent["top_k"]) == (0.9, 7)  # the server's defaults, not the page's own
+    assert page.locator("#temperature-value").inner_text() == "0.90"
     page.wait_for_selector(".msg.assistant")
     page.wait_for_function("!document.body.classList.contains('busy')", timeout=60000)  # the reply ended
     save_screenshot(page, tmp_path, "chat_tiny_context.png")
