@@ -550,22 +550,24 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
 
-        async def content_pieces():
-            """Yield the reply's text as it is sampled; counts usage["completion_tokens"] and sets finish[0]."""
-            decoder, matcher = TokenDecoder(tokenizer), StopMatcher(stops)
+        async def decoded_pieces():
+            """The reply's decoded text pieces as tokens are sampled, the decoder's flush last; counts
+            usage["completion_tokens"] and sets finish[0] on a stop token."""
+            decoder = TokenDecoder(tokenizer)
             async for token in generation.tokens():
                 usage["completion_tokens"] += 1
                 if token in stop_tokens:
                     finish[0] = "stop"
                     break
                 for _, text in decoder.push(token):
-                    text, stopped = matcher.push(text)
-                    if text:
-                        yield text
-                    if stopped:
-                        finish[0] = "stop"
-                        return
+                    yield text
             for _, text in decoder.flush():
+                yield text
+
+        async def content_pieces():
+            """Yield the reply's text as it is sampled, cut at the first stop string (finish[0] = "stop")."""
+            matcher = StopMatcher(stops)
+            async for text in decoded_pieces():  # the callers cancel the generation when the stream ends
                 text, stopped = matcher.push(text)
                 if text:
                     yield text
