@@ -25,7 +25,8 @@ import sys
 import torch
 
 from nanochat.common import ArgumentParser, autodetect_device_type, format_duration, get_peak_flops, hub_reachable
-from nanochat.run_shape import PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds, run_shape, shape_flags
+from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds, run_shape,
+                                shape_flags)
 from nanochat.tokenizer import get_tokenizer
 
 parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
@@ -38,13 +39,13 @@ parser.add_argument("--shell", action="store_true", help="print bash variable as
 parser.add_argument("extra_args", nargs=argparse.REMAINDER, help="-- the extra arguments of every stage")
 args = parser.parse_args()
 
-# base_train's shape flags among the extra arguments (the same names and parser as base_train's)
+# base_train's shape flags among the extra arguments: run_shape's flags (the vocabulary comes from
+# the tokenizer, not a flag), parsed as base_train parses them
 shape_parser = ArgumentParser(add_help=False)
-for name in ("max-seq-len", "device-batch-size", "total-batch-size", "num-iterations", "eval-every", "eval-tokens",
-             "sample-every", "save-every", "core-metric-every", "depth"):
-    shape_parser.add_argument(f"--{name}", type=int, default=None)
-for name in ("target-flops", "target-param-data-ratio"):
-    shape_parser.add_argument(f"--{name}", type=float, default=None)
+for name, default in GPU_DEFAULTS.items():
+    if name != "vocab_size":
+        shape_parser.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(default, float) else int,
+                                  default=None)
 extra_args = args.extra_args[1:] if args.extra_args[:1] == ["--"] else args.extra_args
 extra, _ = shape_parser.parse_known_args(extra_args)
 flags = {k: v for k, v in shape_flags(extra).items() if v is not None}
