@@ -14,6 +14,7 @@ A combination that cannot work raises RunShapeError naming the flags in conflict
 Not for: running anything (no data, no tokenizer, no GPU work beyond reading its properties).
 """
 
+import math
 from dataclasses import dataclass, field
 
 # Upstream nanochat's d20 speedrun (https://github.com/karpathy/nanochat, speedrun.sh and
@@ -164,6 +165,22 @@ def auto_device_batch_size(depth, max_seq_len, total_batch_size, world_size, mem
     return bs
 
 
+def get_grad_accum_steps(total_flag, total, per_pass):
+    """How many forward/backward passes make up one optimizer step: total / the product of
+    per_pass, e.g. get_grad_accum_steps("--total-batch-size", 524288, {"--device-batch-size": 32,
+    "--max-seq-len": 2048, "processes": 1}) = 8. Used by run_shape and by the chat stages
+    (whose steps count conversations).
+
+    Raises:
+        ValueError: total is not a multiple of that product (the message names the flags).
+    """
+    per_step = math.prod(per_pass.values())
+    if total % per_step != 0:
+        raise ValueError(f"{total_flag} {total} is not a multiple of {' x '.join(per_pass)} = "
+                         f"{' x '.join(str(v) for v in per_pass.values())} = {per_step}; pick sizes that divide it")
+    return total // per_step
+
+
 def _stage_args(flags):
     """{"num-iterations": 12} -> ["--num-iterations", "12"]."""
     return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
@@ -218,14 +235,14 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     if dbs < 1:
         raise RunShapeError(f"--device-batch-size must be >= 1, got {dbs}")
     world_tokens = dbs * s["max_seq_len"] * world_size
-    if s["total_batch_size"] % world_tokens != 0:
+    try:
+        grad_accum_steps = get_grad_accum_steps("--total-batch-size", s["total_batch_size"], {
+            "--device-batch-size": dbs, "--max-seq-len": s["max_seq_len"], "processes": world_size})
+    except ValueError as e:
         said = [f"--{k.replace('_', '-')} {given[k]}" for k in ("device_batch_size", "max_seq_len", "total_batch_size")
                 if k in given]
-        raise RunShapeError(
-            f"--total-batch-size {s['total_batch_size']:,} is not a multiple of --device-batch-size x --max-seq-len x "
-            f"processes = {dbs} x {s['max_seq_len']} x {world_size} = {world_tokens:,}"
-            + (f" (you set {', '.join(said)}; the {preset} preset sets the rest)" if said else "")
-            + "; pick sizes that divide it, e.g. a power of two for --device-batch-size")
+        you_set = f" (you set {', '.join(said)}; the {preset} preset sets the rest)" if said else ""
+        raise RunShapeError(f"{e}, e.g. a power of two for --device-batch-size{you_set}") from None
 
     # the evaluation budget: GPU-sized only on a GPU, unless the user or a preset set it
     if "eval_tokens" not in given and preset == "gpu" and device_type != "cuda":
@@ -251,7 +268,7 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     stage_args = {name: _stage_args(spec[name]) for name in ("tok", "loss", "mid", "sft", "rl", "eval")}
     return RunShape(preset=preset, depth=s["depth"], vocab_size=s["vocab_size"], max_seq_len=s["max_seq_len"],
                     device_batch_size=dbs, total_batch_size=s["total_batch_size"], world_size=world_size,
-                    grad_accum_steps=s["total_batch_size"] // world_tokens, num_params=params,
+                    grad_accum_steps=grad_accum_steps, num_params=params,
                     flops_per_token=flops_per_token, num_iterations=num_iterations, horizon=horizon,
                     eval_every=s["eval_every"], eval_tokens=s["eval_tokens"], sample_every=s["sample_every"],
                     save_every=s["save_every"], core_metric_every=s["core_metric_every"], data=spec["data"],

@@ -116,21 +116,6 @@ def setup_stage(name, device_type, run, user_config, compile_flag=None, model_ta
 # -----------------------------------------------------------------------------
 # Batch and schedules
 
-def get_grad_accum_steps(total_flag, total, per_pass):
-    """How many forward/backward passes make up one optimizer step: total / the product of
-    per_pass, e.g. get_grad_accum_steps("--total-batch-size", 524288, {"--device-batch-size": 32,
-    "--max-seq-len": 2048, "processes": 1}) = 8.
-
-    Raises:
-        ValueError: total is not a multiple of that product (the message names the flags).
-    """
-    per_step = math.prod(per_pass.values())
-    if total % per_step != 0:
-        raise ValueError(f"{total_flag} {total} is not a multiple of {' x '.join(per_pass)} = "
-                         f"{' x '.join(str(v) for v in per_pass.values())} = {per_step}; pick sizes that divide it")
-    return total // per_step
-
-
 def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """Multiplier on every param group's initial_lr at `step` (0-based).
 

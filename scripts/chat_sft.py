@@ -19,7 +19,8 @@ from nanochat.checkpoint_manager import load_model, load_training_state, save_tr
 from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, setup_stage,
+from nanochat.run_shape import get_grad_accum_steps
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, setup_stage,
                                should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, sft_mixture

@@ -23,7 +23,8 @@ from nanochat.common import ArgumentParser, compute_cleanup, format_duration, pr
 from nanochat.energy import StageClock
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_grad_accum_steps, get_lr_multiplier,
+from nanochat.run_shape import get_grad_accum_steps
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier,
                                get_muon_momentum, setup_stage, should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import mid_mixture, resolve_data_mode

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from nanochat.tokenizer import RustBPETokenizer
-from nanochat.training import (LossLog, ProgressMeter, get_grad_accum_steps, setup_stage, should_compile,
+from nanochat.run_shape import get_grad_accum_steps
+from nanochat.training import (LossLog, ProgressMeter, setup_stage, should_compile,
                                should_save)
 from test_core_eval import write_bundle
 
