@@ -193,6 +193,10 @@ def atomic_write(path, data):
     rename survives a power cut). Parent directories are created. On an exception the
     temporary file is removed; after a SIGKILL it stays behind as .<name>.<random>.tmp, which
     nothing reads.
+
+    Raises:
+        OSError: the directory cannot be created or written (disk full, permissions); `path` is
+            then unchanged. Whatever the callable raises, likewise.
     """
     path = os.path.abspath(path)
     dir_path = os.path.dirname(path)
@@ -216,7 +220,11 @@ def atomic_write(path, data):
 
 
 def fsync_dir(dir_path):
-    """Make a rename or unlink in `dir_path` durable across a power cut (POSIX; a no-op elsewhere)."""
+    """Make a rename or unlink in `dir_path` durable across a power cut (POSIX; a no-op elsewhere).
+
+    Raises:
+        OSError: `dir_path` cannot be opened.
+    """
     if os.name != "posix":
         return
     fd = os.open(dir_path, os.O_RDONLY)
