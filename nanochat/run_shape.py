@@ -68,7 +68,7 @@ REFERENCE_FIT = dict(device_batch_size=32, depth=20, max_seq_len=2048, memory_gi
 MAX_AUTO_DEVICE_BATCH_SIZE = 32
 CPU_DEVICE_BATCH_SIZE = 4
 KEEP_CHECKPOINTS = 3  # base_train keeps the last 3 base checkpoints (--keep-checkpoints): a d20 one is ~5 GB
-# for time estimates only (upstream nanochat reports ~40-50% MFU for d20 on H100s, dev/LOG.md);
+# for time estimates only (upstream nanochat's d20 runs at ~40-50% MFU on H100s, as its logs print);
 # every stage prints its measured MFU
 ASSUMED_MFU = 0.40
 
