@@ -137,12 +137,11 @@ def check_capability(gpu):
                  "slower and needs twice the activation memory", "use an Ampere or newer GPU, or a smaller --depth")
 
 
-def check_memory(gpu, system_memory_bytes, state_bytes, depth, device_batch_size):
-    """Memory for the weights, gradients and optimizer state (`state_bytes`) of d`depth`.
-
-    Activations come on top and grow with --device-batch-size; they are not estimated (they
-    depend on torch.compile's fusion), so the fix for running out is the batch size.
-    """
+def check_memory(gpu, system_memory_bytes, shape):
+    """Whether the d`shape.depth` run fits: the weights, gradients and optimizer state must fit
+    the memory at all (else FAIL), and on a GPU the memory model's predicted peak for the chosen
+    device batch (shape.peak_memory, nanochat/run_shape.py) must fit the budget it allows on this
+    GPU (shape.memory_budget; else WARN: base_train halves the device batch on out-of-memory)."""
     unified = gpu is not None and gpu["unified"]
     if gpu is None:
         where, total = "system memory (CPU run)", system_memory_bytes
@@ -150,11 +149,18 @@ def check_memory(gpu, system_memory_bytes, state_bytes, depth, device_batch_size
         where, total = "unified memory (GPU and CPU share the system's)", gpu["memory_bytes"]
     else:
         where, total = "GPU memory", gpu["memory_bytes"]
-    reason = (f"{total / 2**30:.1f} GiB {where}; d{depth} needs {state_bytes / 2**30:.1f} GiB for weights, gradients "
-              f"and optimizer state, plus activations for --device-batch-size {device_batch_size}")
-    if state_bytes > total:
+    peak = shape.peak_memory.total
+    reason = (f"{total / 2**30:.1f} GiB {where}; d{shape.depth} needs {shape.state_bytes / 2**30:.1f} GiB for weights, "
+              f"gradients and optimizer state; predicted peak {peak / 2**30:.1f} GiB at --device-batch-size "
+              f"{shape.device_batch_size}")
+    if shape.state_bytes > total:
         return Check("memory", "FAIL", reason, "pick a smaller --depth")
-    return Check("memory", "PASS", reason + " (on out-of-memory: halve --device-batch-size, the result is the same)")
+    if shape.memory_budget is not None and peak > shape.memory_budget:
+        return Check("memory", "WARN", reason + f", over the {shape.memory_budget / 2**30:.1f} GiB budget",
+                     "leave --device-batch-size out (the run picks one that fits) or halve it; on out-of-memory "
+                     "base_train halves it itself and goes on from its last checkpoint")
+    budget = f" (budget {shape.memory_budget / 2**30:.1f} GiB)" if shape.memory_budget is not None else ""
+    return Check("memory", "PASS", reason + budget)
 
 
 def check_torch_cuda(cuda_version, gpu, arch_list):
@@ -276,7 +282,8 @@ def resolve_shape(depth, device_batch_size, gpu):
     (RunShape, None), or (the shape without the user's device batch, RunShapeError) when
     --device-batch-size does not fit the step. `gpu`: report.gpu_info()'s dict or None."""
     from nanochat.run_shape import RunShapeError, run_shape
-    where = dict(device_type="cuda" if gpu else "cpu", gpu_memory_gib=gpu["memory_bytes"] / 2**30 if gpu else None)
+    where = dict(device_type="cuda" if gpu else "cpu", gpu_memory_gib=gpu["memory_bytes"] / 2**30 if gpu else None,
+                 unified=bool(gpu and gpu["unified"]))
     try:
         return run_shape("gpu", **where, depth=depth, device_batch_size=device_batch_size), None
     except RunShapeError as e:
@@ -364,7 +371,7 @@ def run_checks(depth, device_batch_size):
     checks += [
         check_gpu(gpu),
         check_capability(gpu),
-        check_memory(gpu, psutil.virtual_memory().total, shape.state_bytes, depth, shape.device_batch_size),
+        check_memory(gpu, psutil.virtual_memory().total, shape),
         check_torch_cuda(torch.version.cuda, gpu, torch.cuda.get_arch_list() if gpu else []),
         check_bf16(gpu, gpu is not None and torch.cuda.is_bf16_supported()),
         check_triton(gpu, compile_error, ptxas_path, ptxas_release(ptxas_path) if compile_error and ptxas_path else None),
@@ -378,6 +385,8 @@ def run_checks(depth, device_batch_size):
             "training_flops": total_flops, "gpu": gpu["name"] if gpu else None, "assumed_mfu": ASSUMED_MFU,
             "tokens_per_parameter": tokens / params, "steps": shape.num_iterations,
             "device_batch_size": shape.device_batch_size,
+            "predicted_peak_bytes": {str(bs): n for bs, n in shape.memory_candidates().items()},
+            "memory_budget_bytes": shape.memory_budget,
             "estimated_wall_time_s": wall_s, "disk_bytes": disk_need, "shards_needed": shards_needed}
     return checks, plan
 
@@ -402,6 +411,9 @@ def print_table(checks, plan):
           f"({plan['tokens_per_parameter']:.0f} per parameter, {plan['steps']:,} steps), "
           f"{plan['training_flops']:.2e} training FLOPs")
     print(f"estimated pretraining wall time: {wall_text}")
+    from nanochat.run_shape import format_memory_candidates
+    print(format_memory_candidates(plan["predicted_peak_bytes"], plan["device_batch_size"],
+                                   plan["memory_budget_bytes"]))
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ A combination that cannot work raises RunShapeError naming the flags in conflict
 Not for: running anything (no data, no tokenizer, no GPU work beyond reading its properties).
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -61,10 +62,40 @@ PRESETS = {
 # Without a GPU the GPU preset's evaluation budget (20 steps of 524,288 tokens, 10.5M tokens)
 # takes hours; there a val bpb pass reads this many forward passes of the device batch.
 CPU_EVAL_FORWARD_PASSES = 8
-# The device batch that fits: upstream runs d20 at 32 x 2048 tokens on 80 GB cards (which
-# report ~79 GiB, so the reference is 76 GiB); activations grow with batch x depth^2 (width and
-# layers both grow with depth) and with the sequence length.
-REFERENCE_FIT = dict(device_batch_size=32, depth=20, max_seq_len=2048, memory_gib=76)
+# The memory model (predict_peak_memory). Bytes that autograd saves for the backward pass, per
+# token: ACTIVATION_BYTES x n_layer x n_embd for the blocks, EMBEDDING_BYTES x n_embd for the
+# embedding and final norm, LOGITS_BYTES x vocab_size for lm_head/softcap/cross-entropy; keyed by
+# (bf16 autocast, torch.compile). Measured on a CPU by bench/memory_model.py with
+# torch.autograd.graph.saved_tensors_hooks, which sees every tensor kept for backward, compiled
+# graphs included (`python -m bench.memory_model --fit`: least squares over d2-d8, vocab 512-2048,
+# 256 tokens, worst error 0.7%; compiled bf16 from d2 and d4 at vocab 512 and 2048; the compiled
+# fp32 entries are the eager ones, unmeasured). The compiled graph recomputes norms,
+# rotary and ReLU² in the backward pass and keeps only the bf16 logits.
+# LOGITS_BACKWARD_BYTES: the gradient buffers of the logits' backward pass, alive on top of the
+# saved tensors (eager: two fp32 (B, T, vocab) gradients of the softcap/cross-entropy chain;
+# compiled: one fused kernel writing the bf16 gradient plus its fp32 input): an assumption.
+# Cross-check against published GPU figures (with a different architecture, so only a bound):
+# upstream's d12 (vocab 32,768, plus value embeddings) at 32 x 2048 peaked at 34 GB on an H100
+# (karpathy/nanochat dev/LOG.md, the fp8 lm_head entry) where this model predicts 39 GB, and
+# upstream runs d20 at 32 x 2048 on 80 GB cards where this model predicts 95 GiB: it errs on the
+# side of a smaller device batch. The device check (dev/device_check.py) prints predicted vs
+# measured peak memory on CUDA, to correct these from data.
+ACTIVATION_BYTES = {(True, False): 48, (True, True): 40, (False, False): 72, (False, True): 72}
+EMBEDDING_BYTES = {(True, False): 11, (True, True): 7, (False, False): 12, (False, True): 12}
+LOGITS_BYTES = {(True, False): 8, (True, True): 2, (False, False): 8, (False, True): 8}
+LOGITS_BACKWARD_BYTES = {(True, False): 8, (True, True): 4, (False, False): 8, (False, True): 8}
+# Memory the allocator cannot hand out to tensors: the CUDA context, cuBLAS workspaces, and
+# fragmentation of the caching allocator (reserved exceeds allocated by a few percent). Engineering
+# margins, not measurements: a device batch fits when the predicted peak is at most
+# FIT_FRACTION x (GPU memory - CUDA_CONTEXT_BYTES).
+CUDA_CONTEXT_BYTES = 2**30
+FIT_FRACTION = 0.92
+# On unified memory (DGX Spark's GB10: CPU and GPU share 128 GB) the OS, the page cache of the
+# shards and the data loader's tokenizer threads live in the same memory, and an out-of-memory
+# there can freeze the whole machine instead of raising an error; so the budget leaves this much
+# to the system and uses a smaller fraction of the rest.
+UNIFIED_RESERVE_BYTES = 24 * 2**30
+UNIFIED_FIT_FRACTION = 0.85
 MAX_AUTO_DEVICE_BATCH_SIZE = 32
 CPU_DEVICE_BATCH_SIZE = 4
 KEEP_CHECKPOINTS = 3  # base_train keeps the last 3 base checkpoints (--keep-checkpoints): a d20 one is ~5 GB
@@ -104,6 +135,10 @@ class RunShape:
     data: str | None  # "offline" for the CPU presets, None: the caller decides (online if the Hub answers)
     state_bytes: int  # fp32 weights + gradients + optimizer state
     optimizer_bytes: int
+    bf16: bool  # the forward runs under bf16 autocast (CUDA)
+    compile: bool  # base_train torch.compiles the model
+    peak_memory: "MemoryEstimate"  # predicted for the chosen device batch size
+    memory_budget: int | None  # bytes of predicted peak that fit this GPU (memory_budget()); None off CUDA
     stage_args: dict = field(default_factory=dict)
 
     @property
@@ -119,12 +154,19 @@ class RunShape:
     def training_flops(self):
         return self.flops_per_token * self.tokens
 
+    def memory_candidates(self):
+        """{device_batch_size: predicted peak bytes} for the powers of two up to 32 and the chosen size."""
+        sizes = sorted({2 ** i for i in range(6)} | {self.device_batch_size})
+        return {bs: predict_peak_memory(self.depth, self.max_seq_len, bs, self.vocab_size, self.bf16, self.compile,
+                                        self.world_size).total for bs in sizes}
+
     @property
     def eval_steps(self):
         """Forward passes per val bpb evaluation (each of device_batch_size x max_seq_len x world_size tokens)."""
         return max(1, self.eval_tokens // (self.device_batch_size * self.max_seq_len * self.world_size))
 
 
+@functools.lru_cache(maxsize=None)
 def model_size(depth, vocab_size, max_seq_len):
     """(parameters, training FLOPs per token, bytes of fp32 weights + gradients + optimizer state,
     bytes of optimizer state) of the d`depth` GPT, built on the meta device (no memory, no init).
@@ -149,22 +191,77 @@ def model_size(depth, vocab_size, max_seq_len):
     return params, model.estimate_flops(), 4 * params + 4 * params + optimizer_bytes, optimizer_bytes
 
 
-def auto_device_batch_size(depth, max_seq_len, total_batch_size, world_size, memory_gib):
-    """The largest power of two <= 32 that fits `memory_gib` of GPU memory and divides the step.
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of one training process, in bytes, by term (predict_peak_memory)."""
+    weights: int  # fp32 parameters
+    grads: int  # fp32 gradients (alive through the whole accumulation)
+    optimizer: int  # AdamW moments + Muon momentum (this process's shard)
+    weight_copies: int  # bf16 copies of the matrices that autocast makes and keeps for backward
+    activations: int  # tensors saved for backward by the blocks and the embedding
+    logits: int  # logits saved for backward + the gradient buffers of their backward pass
 
-    Scaled from upstream's d20 reference (32 x 2048 tokens in 76 GiB) by depth^-2, by 2048 /
-    max_seq_len and by the memory; at least 1. A power of two, so it divides power-of-two steps;
-    halved further until device_batch_size x max_seq_len x world_size divides total_batch_size.
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.weight_copies + self.activations + self.logits
+
+
+def predict_peak_memory(depth, max_seq_len, device_batch_size, vocab_size=65536, bf16=True, compile=True,
+                        world_size=1):
+    """Predicted peak of torch.cuda.max_memory_allocated() for base_train's step, in bytes, by term.
+
+    bf16: the forward runs under bf16 autocast (the CUDA default); compile: torch.compile'd
+    model. world_size: processes; the distributed optimizers shard their state over them
+    (nanochat/adamw.py DistAdamW, nanochat/muon.py DistMuon). The constants and their source:
+    ACTIVATION_BYTES, EMBEDDING_BYTES, LOGITS_BYTES, LOGITS_BACKWARD_BYTES at the top of this
+    module. Not counted: the CUDA context and allocator fragmentation (see memory_budget), and
+    --fp8, which only shrinks the activations.
+
+    Raises:
+        RunShapeError: depth < 1.
     """
-    ref = REFERENCE_FIT
-    fit = (ref["device_batch_size"] * (ref["depth"] / depth) ** 2 * (ref["max_seq_len"] / max_seq_len)
-           * memory_gib / ref["memory_gib"])
+    from nanochat.gpt import padded_vocab_size
+    params, _, _, optimizer_bytes = model_size(depth, vocab_size, max_seq_len)
+    n_embd = 64 * depth
+    wte = padded_vocab_size(vocab_size) * n_embd  # not multiplied, so autocast makes no copy of it
+    key = (bool(bf16), bool(compile))
+    tokens = device_batch_size * max_seq_len
+    return MemoryEstimate(
+        weights=4 * params, grads=4 * params, optimizer=optimizer_bytes // world_size,
+        weight_copies=2 * (params - wte) if bf16 else 0,
+        activations=tokens * n_embd * (ACTIVATION_BYTES[key] * depth + EMBEDDING_BYTES[key]),
+        logits=tokens * vocab_size * (LOGITS_BYTES[key] + LOGITS_BACKWARD_BYTES[key]))
+
+
+def memory_budget(memory_bytes, unified):
+    """Bytes of predicted peak a run may use on a GPU with `memory_bytes` (common.gpu_memory_bytes):
+    FIT_FRACTION of what the CUDA context leaves, or on unified memory UNIFIED_FIT_FRACTION of
+    what UNIFIED_RESERVE_BYTES leaves to the system."""
+    if unified:
+        return int(UNIFIED_FIT_FRACTION * max(memory_bytes - UNIFIED_RESERVE_BYTES, 0))
+    return int(FIT_FRACTION * max(memory_bytes - CUDA_CONTEXT_BYTES, 0))
+
+
+def auto_device_batch_size(depth, max_seq_len, total_batch_size, world_size, budget_bytes, vocab_size=65536,
+                           bf16=True, compile=True):
+    """The largest power of two <= 32 (upstream's device batch at seq 2048) whose predicted peak
+    memory (predict_peak_memory) is within `budget_bytes` (memory_budget) and whose
+    device_batch_size x max_seq_len x world_size divides total_batch_size; at least 1."""
     bs = 1
-    while bs * 2 <= min(fit, MAX_AUTO_DEVICE_BATCH_SIZE):
+    while (bs * 2 <= MAX_AUTO_DEVICE_BATCH_SIZE and predict_peak_memory(
+            depth, max_seq_len, bs * 2, vocab_size, bf16, compile, world_size).total <= budget_bytes):
         bs *= 2
     while bs > 1 and total_batch_size % (bs * max_seq_len * world_size) != 0:
         bs //= 2
     return bs
+
+
+def format_memory_candidates(predicted, chosen, budget):
+    """'predicted peak memory per device batch size: 1: 8.1, ... 16: 51.3 (chosen), 32: 94.8 GiB;
+    budget 71.9 GiB'. predicted: {batch size (str or int): bytes}; budget: bytes or None."""
+    cells = [f"{bs}: {n / 2**30:.1f}{' (chosen)' if int(bs) == chosen else ''}" for bs, n in predicted.items()]
+    tail = f"; budget {budget / 2**30:.1f} GiB" if budget else ""
+    return f"predicted peak memory per device batch size: {', '.join(cells)} GiB{tail}"
 
 
 def get_grad_accum_steps(total_flag, total, per_pass):
@@ -188,7 +285,8 @@ def _stage_args(flags):
     return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
 
-def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None, **flags):
+def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None, unified=False, compile=None,
+              **flags):
     """Resolve a run: the preset's defaults, then every flag the user gave (not None) on top.
 
     Args:
@@ -196,8 +294,12 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
         device_type: "cuda", "mps" or "cpu": GPU-sized defaults (the evaluation budget, the device
             batch) apply on CUDA only.
         world_size: processes (GPUs) of the run.
-        gpu_memory_gib: memory a CUDA run can use (the auto device batch size is chosen for it);
-            None: read it from GPU 0 (common.gpu_memory_bytes) when device_type is "cuda".
+        gpu_memory_gib: memory a CUDA run can use (the auto device batch size is chosen for it by
+            the memory model, predict_peak_memory); None: read it, and `unified`, from GPU 0
+            (common.gpu_memory_bytes) when device_type is "cuda".
+        unified: the GPU shares the system's memory (GB10): a smaller, stated budget (memory_budget).
+        compile: base_train torch.compiles the model (None: training.should_compile's default, on
+            for CUDA), which changes the activation memory.
         flags: base_train's shape flags by their argparse names, None = not given: depth,
             vocab_size, max_seq_len, device_batch_size, total_batch_size, num_iterations,
             target_flops, target_param_data_ratio, eval_every, eval_tokens, sample_every,
@@ -223,14 +325,21 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     if world_size < 1:
         raise RunShapeError(f"the number of processes must be >= 1, got {world_size}")
 
-    # the device batch: the user's, else the preset's, else what fits the GPU (CPU: a small one)
+    # the device batch: the user's, else the preset's, else what the memory model fits in the GPU
+    # (CPU: a small one)
+    bf16 = device_type == "cuda"
+    compile = device_type == "cuda" if compile is None else compile
+    budget = None
+    if device_type == "cuda":
+        if gpu_memory_gib is None:
+            from nanochat.common import gpu_memory_bytes
+            memory_bytes, unified = gpu_memory_bytes()
+            gpu_memory_gib = memory_bytes / 2**30
+        budget = memory_budget(int(gpu_memory_gib * 2**30), unified)
     if "device_batch_size" not in given and s["device_batch_size"] is None:
         if device_type == "cuda":
-            if gpu_memory_gib is None:
-                from nanochat.common import gpu_memory_bytes
-                gpu_memory_gib = gpu_memory_bytes()[0] / 2**30
             s["device_batch_size"] = auto_device_batch_size(s["depth"], s["max_seq_len"], s["total_batch_size"],
-                                                            world_size, gpu_memory_gib)
+                                                            world_size, budget, s["vocab_size"], bf16, compile)
         else:
             s["device_batch_size"] = CPU_DEVICE_BATCH_SIZE
     dbs = s["device_batch_size"]
@@ -274,7 +383,10 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
                     flops_per_token=flops_per_token, num_iterations=num_iterations, horizon=horizon,
                     eval_every=s["eval_every"], eval_tokens=s["eval_tokens"], sample_every=s["sample_every"],
                     save_every=s["save_every"], core_metric_every=s["core_metric_every"], data=spec["data"],
-                    state_bytes=state_bytes, optimizer_bytes=optimizer_bytes, stage_args=stage_args)
+                    state_bytes=state_bytes, optimizer_bytes=optimizer_bytes, bf16=bf16, compile=compile,
+                    peak_memory=predict_peak_memory(s["depth"], s["max_seq_len"], dbs, s["vocab_size"], bf16, compile,
+                                                    world_size),
+                    memory_budget=budget, stage_args=stage_args)
 
 
 def estimate_seconds(flops, flops_per_second, mfu=ASSUMED_MFU):

@@ -25,8 +25,8 @@ import sys
 import torch
 
 from nanochat.common import ArgumentParser, autodetect_device_type, format_duration, get_peak_flops, hub_reachable
-from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds, run_shape,
-                                shape_flags)
+from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds,
+                                format_memory_candidates, run_shape, shape_flags)
 from nanochat.tokenizer import get_tokenizer
 
 parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
@@ -107,7 +107,8 @@ print(f"plan | batch: {shape.total_batch_size:,} tokens per step = {shape.device
       f"{shape.world_size} processes x {shape.grad_accum_steps} accumulation steps")
 print(f"plan | pretraining ({shape.horizon}): {shape.num_iterations:,} steps x {shape.total_batch_size:,} tokens = "
       f"{shape.tokens:,} tokens ({shape.tokens / shape.num_params:.2f} per parameter), {shape.training_flops:.3e} FLOPs")
-print(f"plan | memory: {shape.state_bytes / 2**30:.2f} GiB for weights, gradients and optimizer state, plus activations")
+print(f"plan | memory: {shape.state_bytes / 2**30:.2f} GiB for weights, gradients and optimizer state; "
+      + format_memory_candidates(shape.memory_candidates(), shape.device_batch_size, shape.memory_budget))
 eta = format_duration(seconds) if seconds else "n/a"
 print(f"plan | estimated pretraining time: {eta} ({basis}); midtraining, SFT and RL are "
       f"{'a few minutes each' if args.preset != 'gpu' else 'a few percent of it each'}; "

@@ -10,13 +10,16 @@ import sys
 
 import pytest
 
-from nanochat.run_shape import PRESETS, RunShapeError, auto_device_batch_size, run_shape
+from nanochat.run_shape import (PRESETS, RunShapeError, auto_device_batch_size, memory_budget, predict_peak_memory,
+                                run_shape)
+
+GiB = 2**30
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_preset_is_upstreams_d20_speedrun():
-    shape = run_shape("gpu", "cuda", gpu_memory_gib=79.1)  # an 80 GB H100 reports ~79 GiB
+    shape = run_shape("gpu", "cuda", gpu_memory_gib=139.8)  # an H200 (141 GB) reports ~139.8 GiB
     assert shape.num_params == 560_988_160 and shape.num_iterations == 21_400  # 20 tokens per parameter
     assert (shape.device_batch_size, shape.max_seq_len, shape.total_batch_size) == (32, 2048, 524_288)
     assert shape.grad_accum_steps == 8 and shape.eval_tokens == 20 * 524_288
@@ -52,13 +55,52 @@ def test_gpu_sized_defaults_stay_off_the_cpu():
     assert run_shape("gpu", "cpu", depth=4, eval_tokens=1_000_000).eval_tokens == 1_000_000  # unless asked for
 
 
-def test_auto_device_batch_size_fits_memory_and_divides_the_step():
-    assert auto_device_batch_size(20, 2048, 524_288, 1, 79) == 32  # H100 80 GB
-    assert auto_device_batch_size(20, 2048, 524_288, 1, 119) == 32  # GB10 128 GB (upstream's max)
-    assert auto_device_batch_size(32, 2048, 524_288, 1, 79) == 8
-    assert auto_device_batch_size(20, 2048, 524_288, 1, 20) == 8
-    assert auto_device_batch_size(60, 2048, 524_288, 1, 8) == 1
-    assert auto_device_batch_size(20, 2048, 3 * 2048 * 4, 1, 79) == 4  # halved until it divides the step
+def test_auto_device_batch_size_fits_the_memory_model_and_divides_the_step():
+    h100, h200 = memory_budget(int(79.1 * GiB), False), memory_budget(int(139.8 * GiB), False)
+    assert auto_device_batch_size(20, 2048, 524_288, 1, h200) == 32
+    assert auto_device_batch_size(20, 2048, 524_288, 1, h100) == 16  # the model predicts 95 GiB for 32
+    assert auto_device_batch_size(12, 2048, 524_288, 1, h100) == 32
+    assert auto_device_batch_size(60, 2048, 524_288, 1, 8 * GiB) == 1  # nothing fits: 1, and base_train says so
+    assert auto_device_batch_size(20, 2048, 3 * 2048 * 4, 1, h200) == 4  # halved until it divides the step
+    for depth in (4, 12, 20, 26, 32):
+        for budget in (h100, h200):
+            bs = auto_device_batch_size(depth, 2048, 524_288, 1, budget)
+            assert bs == 1 or predict_peak_memory(depth, 2048, bs).total <= budget
+            assert bs == 32 or predict_peak_memory(depth, 2048, 2 * bs).total > budget
+
+
+def test_memory_model_terms():
+    one, two = predict_peak_memory(20, 2048, 8), predict_peak_memory(20, 2048, 16)
+    assert two.activations == 2 * one.activations and two.logits == 2 * one.logits  # per token
+    assert two.weights == one.weights == 4 * 560_988_160 and one.grads == one.weights  # fp32
+    assert predict_peak_memory(20, 2048, 8, world_size=8).optimizer == one.optimizer // 8  # sharded
+    assert predict_peak_memory(20, 2048, 8, bf16=False, compile=False).weight_copies == 0
+    assert predict_peak_memory(20, 2048, 8, compile=False).total > one.total  # compile recomputes
+
+
+def test_memory_model_matches_what_autograd_saves():
+    """The saved-tensor constants, measured here on shapes the fit never saw (a d5 with 4 heads
+    of 80, vocab 1000, 3 x 96 tokens): the prediction's saved part is within 3% of the bytes
+    autograd really keeps. Fails when the model's forward starts keeping more (or less)."""
+    from bench.memory_model import build_model, saved_tensor_bytes
+    from nanochat.run_shape import LOGITS_BACKWARD_BYTES
+    for bf16 in (True, False):
+        model = build_model(5, 1000, 96, "cpu")
+        measured = saved_tensor_bytes(model, 3, bf16, compile=False)
+        est = predict_peak_memory(5, 96, 3, 1000, bf16=bf16, compile=False)
+        predicted = est.weight_copies + est.activations + est.logits - 3 * 96 * 1000 * LOGITS_BACKWARD_BYTES[bf16, False]
+        assert abs(predicted / measured - 1) < 0.03, (bf16, predicted, measured)
+
+
+def test_unified_memory_budget_is_conservative():
+    """GB10: 128 GB shared with the OS; the budget leaves 24 GiB to the system and a larger
+    margin than on a discrete card of the same size."""
+    gb10 = 119.7 * GiB  # psutil's total on a DGX Spark
+    assert memory_budget(int(gb10), True) < memory_budget(int(gb10), False) - 24 * GiB
+    spark = run_shape("gpu", "cuda", gpu_memory_gib=119.7, unified=True)
+    assert spark.memory_budget == memory_budget(int(gb10), True)
+    assert spark.peak_memory.total <= spark.memory_budget
+    assert run_shape("gpu", "cuda", gpu_memory_gib=119.7, unified=True, device_batch_size=32).device_batch_size == 32
 
 
 def test_every_preset_resolves():

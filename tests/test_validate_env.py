@@ -84,13 +84,24 @@ def test_gpu_rows_on_cpu_skip_or_warn():
 
 
 def test_memory_decision():
-    small = ve.check_memory(None, system_memory_bytes=8 * 2**30, state_bytes=16 * 2**30, depth=32,
-                            device_batch_size=32)
+    from nanochat.run_shape import run_shape
+    d32_cpu = run_shape("gpu", "cpu", depth=32)
+    small = ve.check_memory(None, system_memory_bytes=8 * 2**30, shape=d32_cpu)
     assert small.status == "FAIL" and "--depth" in small.fix
-    unified = ve.check_memory(GB10, system_memory_bytes=GB10["memory_bytes"], state_bytes=7 * 2**30, depth=20,
-                              device_batch_size=32)
+    spark = run_shape("gpu", "cuda", gpu_memory_gib=128, unified=True, depth=20)
+    unified = ve.check_memory(GB10, system_memory_bytes=GB10["memory_bytes"], shape=spark)
     assert unified.status == "PASS" and "128.0 GiB unified memory" in unified.reason
-    assert "80.0 GiB GPU memory" in ve.check_memory(H100, 0, 7 * 2**30, 20, 32).reason
+    assert "predicted peak" in unified.reason and "budget" in unified.reason
+    h100 = run_shape("gpu", "cuda", gpu_memory_gib=80, depth=20)
+    assert "80.0 GiB GPU memory" in ve.check_memory(H100, 0, h100).reason
+    too_big = ve.check_memory(H100, 0, run_shape("gpu", "cuda", gpu_memory_gib=80, depth=20, device_batch_size=64))
+    assert too_big.status == "WARN" and "halves it itself" in too_big.fix
+
+
+def test_plan_prints_predicted_memory_per_batch_size():
+    from nanochat.run_shape import format_memory_candidates
+    line = format_memory_candidates({"1": 2**30, "2": 3 * 2**30}, 2, 10 * 2**30)
+    assert line == "predicted peak memory per device batch size: 1: 1.0, 2: 3.0 (chosen) GiB; budget 10.0 GiB"
 
 
 def test_torch_cuda_build_decision():
@@ -135,8 +146,8 @@ def test_data_wandb_batch(tmp_path):
     batch = ve.check_batch(*ve.resolve_shape(20, 32, H100))
     assert batch.status == "PASS" and "8 gradient accumulation steps" in batch.reason
     assert ve.check_batch(*ve.resolve_shape(20, 24, H100)).status == "FAIL"
-    auto = ve.check_batch(*ve.resolve_shape(20, None, H100))  # left out: what fits 80 GB, as base_train picks
-    assert auto.status == "PASS" and "--device-batch-size 32 " in auto.reason
+    auto = ve.check_batch(*ve.resolve_shape(20, None, H100))  # left out: what the memory model fits in 80 GB
+    assert auto.status == "PASS" and "--device-batch-size 16 " in auto.reason
 
 
 def run_script(tmp_path, *args):
