@@ -17,7 +17,10 @@ Without NVML or a GPU `available` is False and every reading is None, so the cal
 branch of its own. API: https://docs.nvidia.com/deploy/nvml-api/group__nvmlDeviceQueries.html
 
 StageClock adds a stage's wall time to that, both accumulated in the training loop's
-loop_state so that a resumed run reports the total over all of its attempts.
+loop_state so that a resumed run reports the total over all of its attempts. Under torchrun
+each rank meters its own GPU and the clock sums the energy over ranks (rank 0 alone writes the
+report, which would otherwise show 1/N of it); the wall time is each rank's own, and rank 0's
+is the one saved and reported.
 
 Not for: CPU or whole-system power (NVML sees the GPU only; on GB10 the CPU shares the
 package, so the figure is what the driver attributes to the GPU), or for the electricity price
@@ -26,6 +29,9 @@ package, so the figure is what the driver attributes to the GPU), or for the ele
 
 import threading
 import time
+
+import torch
+import torch.distributed as dist
 
 MJ_PER_WH = 3.6e6  # 1 Wh = 3600 J = 3.6e6 mJ
 
@@ -157,12 +163,30 @@ class EnergyMeter:
             self._thread.join()
 
 
+def _sum_over_ranks(values):
+    """Sum a list of floats over the ranks of torch.distributed (the list itself without it).
+
+    A collective: every rank must call it at the same point, or the job hangs.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    # NCCL reduces CUDA tensors only (on the device compute_init made current), gloo CPU ones
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t.tolist()
+
+
 class StageClock:
     """A stage's wall time (s) and GPU energy (Wh, via NVML when available) for the report card,
     accumulated in `loop_state` so that a resumed run reports the total over all its attempts.
 
     Call update() before each checkpoint save (so the totals travel with the checkpoint) and
     report_items() at the end for the two keys report.py sums: "wall time (s)", "energy (Wh)".
+    Under torch.distributed both are collectives (every rank calls them at the same points):
+    loop_state["energy_wh"] holds the total over all ranks, the same on every rank, and only the
+    energy each rank used since its last update is summed, so a resumed run, which starts from
+    rank 0's saved total, counts nothing twice. loop_state["wall_time_s"] is this rank's own.
     """
 
     def __init__(self, loop_state, device_index=0):
@@ -174,17 +198,27 @@ class StageClock:
         self.last_time, self.last_wh = time.time(), 0.0
 
     def update(self):
-        """Add the wall time and energy since the last update to loop_state."""
-        now, wh = time.time(), self.meter.elapsed_wh()
-        self.loop_state["wall_time_s"] += now - self.last_time
-        if wh is not None:
-            self.loop_state["energy_wh"] += wh - self.last_wh
-            self.last_wh = wh
-        self.last_time = now
+        """Add the wall time and the energy (all ranks) since the last update to loop_state."""
+        self._add(self.meter.elapsed_wh())
 
     def report_items(self):
-        """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report."""
-        self.update()
-        wh = self.meter.stop()
+        """Stop the meter; {"wall time (s)": float, "energy (Wh)": float or "n/a"} for the report,
+        "n/a" when some rank's GPU gives no reading."""
+        every_rank_read = self._add(self.meter.stop())
         return {"wall time (s)": round(self.loop_state["wall_time_s"], 1),
-                "energy (Wh)": energy_for_report(self.loop_state["energy_wh"] if wh is not None else None)}
+                "energy (Wh)": energy_for_report(self.loop_state["energy_wh"] if every_rank_read else None)}
+
+    def _add(self, wh):
+        """Add the time since the last call and, summed over ranks, the energy since then (`wh`:
+        this rank's reading since the meter started, None when it has none) to loop_state.
+        Returns True when every rank had a reading."""
+        now = time.time()
+        self.loop_state["wall_time_s"] += now - self.last_time
+        self.last_time = now
+        # a rank without a reading adds 0 and keeps last_wh: a later reading brings the gap in
+        delta_wh = 0.0 if wh is None else wh - self.last_wh
+        if wh is not None:
+            self.last_wh = wh
+        total_delta_wh, ranks_without_reading = _sum_over_ranks([delta_wh, float(wh is None)])
+        self.loop_state["energy_wh"] += total_delta_wh
+        return ranks_without_reading == 0

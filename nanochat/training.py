@@ -188,10 +188,11 @@ class ProgressMeter:
     """Times training steps and formats the per-step progress line.
 
     unit, units_per_step: the throughput shown, e.g. "tok/s" with the tokens of a step, or
-    "conversations/s" with its conversations; None = timing and ETA only. flops_per_unit
-    (GPT.estimate_flops() for tokens) and peak_flops give MFU = achieved FLOP/s / peak FLOP/s
-    (PaLM paper, appendix B), shown as "n/a" when either is unknown (CPU, a GPU missing from
-    common.GPU_PEAK_FLOPS_BF16, or SFT's conversations of varying length).
+    "conversations/s" with its conversations; None = timing and ETA only. A stage whose steps
+    differ in size (SFT's padded conversations, RL's rollouts) leaves units_per_step None and
+    passes each step's count as `units` to line/rate/mfu. flops_per_unit (GPT.estimate_flops()
+    for tokens) and peak_flops give MFU = achieved FLOP/s / peak FLOP/s (PaLM paper, appendix
+    B), shown as "n/a" when either is unknown (CPU, a GPU missing from common.GPU_PEAK_FLOPS_BF16).
 
     The first `skip_steps` steps (torch.compile warm-up, allocator growth) are excluded from the
     speed estimate, so the ETA and MFU reflect steady state.
@@ -228,30 +229,71 @@ class ProgressMeter:
         """Mean steady-state seconds per step, or None before any timed step."""
         return self.timed_seconds / self.timed_steps if self.timed_steps else None
 
-    def rate(self, dt):
-        """Units (tokens, conversations, ...) per second for a step of dt seconds."""
-        return self.units_per_step / dt
+    def _units(self, units):
+        units = self.units_per_step if units is None else units
+        assert units is not None, "a ProgressMeter without units_per_step needs each step's units"
+        return units
 
-    def mfu(self, dt):
-        """Model FLOPs utilisation in percent for a step of dt seconds, or None when unknown."""
-        if not (self.peak_flops and self.flops_per_unit):
+    def rate(self, dt, units=None):
+        """Units (tokens, conversations, ...) per second for a step of dt seconds that did
+        `units` of them (default units_per_step)."""
+        return self._units(units) / dt
+
+    def mfu(self, dt, units=None, flops=None):
+        """Model FLOPs utilisation in percent for a step of dt seconds, or None when unknown.
+
+        The step's FLOPs are `flops` when given (a step mixing work of different cost per unit),
+        else flops_per_unit x units (default units_per_step).
+        """
+        if flops is None and self.flops_per_unit:
+            flops = self.flops_per_unit * self._units(units)
+        if not (self.peak_flops and flops):
             return None
-        return 100 * self.flops_per_unit * self.units_per_step / dt / self.peak_flops
+        return 100 * flops / dt / self.peak_flops
+
+    def speed(self, dt, units=None, flops=None):
+        """'tok/s 80,123 | mfu 45.1%' for a step of dt seconds (arguments as for rate and mfu)."""
+        mfu = self.mfu(dt, units, flops)
+        return f"{self.unit} {self.rate(dt, units):,.0f} | mfu {'n/a' if mfu is None else f'{mfu:.1f}%'}"
 
     def eta_seconds(self, step):
         """Seconds left after finishing `step`, at the steady-state speed; None before it is known."""
         sps = self.seconds_per_step()
         return None if sps is None else sps * (self.num_steps - step - 1)
 
-    def line(self, step, loss, lr_multiplier, dt):
-        """'step 00012/00100 (12.00%) | loss 5.123456 | lrm 1.00 | dt 812ms | tok/s 80,123 | mfu 45.1% | eta 1m12s'."""
+    def line(self, step, loss, lr_multiplier, dt, units=None):
+        """'step 00012/00100 (12.00%) | loss 5.123456 | lrm 1.00 | dt 812ms | tok/s 80,123 | mfu 45.1% | eta 1m12s'.
+
+        units: what the step did in the meter's unit (default units_per_step).
+        """
         pct = 100 * (step + 1) / self.num_steps
         line = (f"step {step + 1:05d}/{self.num_steps:05d} ({pct:.2f}%) | loss {loss:.6f} | lrm {lr_multiplier:.2f} "
                 f"| dt {dt * 1000:.0f}ms")
         if self.unit is not None:
-            mfu = self.mfu(dt)
-            line += f" | {self.unit} {self.rate(dt):,.0f} | mfu {'n/a' if mfu is None else f'{mfu:.1f}%'}"
+            line += f" | {self.speed(dt, units)}"
         return line + f" | eta {format_duration(self.eta_seconds(step))}"
+
+
+def halve_device_batch(script, step, device_batch_size, grad_accum_steps, world_size):
+    """After a CUDA out-of-memory error in optimizer step `step`: (device_batch_size // 2,
+    2 x grad_accum_steps), the same tokens per optimizer step in smaller passes, so the
+    optimisation stays the same. The caller frees the step's tensors and reloads its last
+    checkpoint (the failed step's gradients are partial).
+
+    Raises:
+        SystemExit: device_batch_size is already 1, or several processes run (one rank cannot
+            change its batch alone, and the others wait in a collective); the message says what to do.
+    """
+    if world_size > 1:
+        sys.exit(f"{script}: out of GPU memory at step {step + 1} with --device-batch-size {device_batch_size} on "
+                 f"{world_size} processes; re-run with --resume and --device-batch-size {max(device_batch_size // 2, 1)}")
+    if device_batch_size == 1:
+        sys.exit(f"{script}: out of GPU memory at step {step + 1} even with --device-batch-size 1; pick a smaller "
+                 "--depth or --max-seq-len (validate_env.py prints the predicted memory)")
+    print0(f"{script}: out of GPU memory at step {step + 1} with --device-batch-size {device_batch_size}; going on "
+           f"with {device_batch_size // 2} and {2 * grad_accum_steps} accumulation steps (the same tokens per step) "
+           "from the last checkpoint")
+    return device_batch_size // 2, 2 * grad_accum_steps
 
 
 # -----------------------------------------------------------------------------

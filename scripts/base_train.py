@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import load_training_state, prune_checkpoints, save_training_state
+from nanochat.checkpoint_manager import (capture_rng_state, load_training_state, prune_checkpoints, restore_rng_state,
+                                         save_training_state)
 from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
@@ -29,8 +30,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_shape, shape_flags
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier,
-                               get_muon_momentum, setup_stage, should_save, train_step)
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier, get_muon_momentum,
+                               halve_device_batch, setup_stage, should_save, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -109,19 +110,25 @@ model_config = GPTConfig.from_depth(shape.depth, vocab_size=vocab_size, sequence
 with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
+init_rng_state = capture_rng_state()  # to re-initialise identically if memory runs out before the first checkpoint
 model.init_weights()
 orig_model = model  # the uncompiled module: its state_dict has clean names, and it handles variable shapes
 num_params = model.num_scaling_params()
 flops_per_token = model.estimate_flops()
 
 # Batch: gradient accumulation makes up total_batch_size from device batches on every process
-grad_accum_steps = shape.grad_accum_steps
+# (both halve/double on a CUDA out-of-memory error, see the training loop)
+device_batch_size, grad_accum_steps = shape.device_batch_size, shape.grad_accum_steps
 num_iterations, horizon = shape.num_iterations, shape.horizon
 total_tokens = shape.tokens
 
 # Optimizers
-optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+def build_optimizers():
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+
+
+optimizers = build_optimizers()
 
 # -----------------------------------------------------------------------------
 # Resume: model, optimizer, schedule position, data position, RNG
@@ -141,18 +148,22 @@ if args.resume or args.resume_from_step >= 0:
                f"with {num_iterations} steps of {shape.total_batch_size} tokens: the LR schedule changes")
     start_step = resume_step
     loop_state = meta["loop_state"]
+last_saved_step = start_step if start_step > 0 else None  # where an out-of-memory error goes back to
 
 if stage.use_compile:
     model = torch.compile(model, dynamic=False)  # every batch has the same (B, T) shape
 
 # Data
-train_batches = PrefetchingLoader(tokenizing_distributed_data_loader(
-    shape.device_batch_size, shape.max_seq_len, "train", device=device, loader_state=loader_state), loader_state)
+def build_train_loader(loader_state):
+    return PrefetchingLoader(tokenizing_distributed_data_loader(
+        device_batch_size, shape.max_seq_len, "train", device=device, loader_state=loader_state), loader_state)
 
 
 def build_val_loader():
-    return without_state(tokenizing_distributed_data_loader(shape.device_batch_size, shape.max_seq_len, "val",
-                                                            device=device))
+    return without_state(tokenizing_distributed_data_loader(device_batch_size, shape.max_seq_len, "val", device=device))
+
+
+train_batches = build_train_loader(loader_state)
 
 
 # -----------------------------------------------------------------------------
@@ -184,7 +195,7 @@ def save(step):
     meta = {
         "model_config": model_config.__dict__, "user_config": user_config, "num_iterations": num_iterations,
         "total_batch_size": shape.total_batch_size, "val_bpb": val_bpb, "loop_state": loop_state,
-        "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": shape.device_batch_size,
+        "tokenizer_hash": tokenizer.content_hash(), "device_batch_size": device_batch_size,
         "max_seq_len": shape.max_seq_len,
     }
     clock.update()
@@ -193,17 +204,39 @@ def save(step):
         prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
 
+def go_back_after_out_of_memory():
+    """Restore the state of the last checkpoint this run wrote or resumed from (or of the fresh
+    model when there is none yet): model, optimizers, loop state, RNG. The wall time and energy
+    spent since then still count. Returns (step, loader_state)."""
+    global optimizers
+    clock.update()
+    spent = {k: loop_state[k] for k in ("wall_time_s", "energy_wh")}
+    loop_state.clear()
+    if last_saved_step is None:
+        restore_rng_state(init_rng_state)
+        orig_model.init_weights()
+        optimizers = build_optimizers()
+        step, loader_state = 0, None
+        loop_state.update(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)
+    else:
+        step, meta, loader_state = load_training_state(checkpoint_dir, last_saved_step, orig_model, optimizers, device)
+        loop_state.update(meta["loop_state"])
+    loop_state.update(spent)
+    return step, loader_state
+
+
 # -----------------------------------------------------------------------------
 # Training loop. Iteration `step` first evaluates/samples/saves the model as it is after
 # `step` optimizer steps, then (unless it is the last) takes optimizer step number step+1.
 val_bpb = None
-for step in range(start_step, num_iterations + 1):
+step = start_step
+while True:
     last_step = step == num_iterations
 
     # val bpb
     if last_step or (shape.eval_every > 0 and step % shape.eval_every == 0):
         model.eval()
-        eval_steps = shape.eval_steps
+        eval_steps = shape.eval_steps * shape.device_batch_size // device_batch_size  # the same tokens after a halving
         with autocast_ctx:
             val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
@@ -238,6 +271,7 @@ for step in range(start_step, num_iterations + 1):
     # checkpoint
     if should_save(step, start_step, last_step, shape.save_every):
         save(step)
+        last_saved_step = step
 
     if last_step:
         break
@@ -246,8 +280,22 @@ for step in range(start_step, num_iterations + 1):
     lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     stage.synchronize()
     meter.start()
-    train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
-                            get_muon_momentum(step), args.grad_clip)
+    try:
+        train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
+                                get_muon_momentum(step), args.grad_clip)
+    except torch.OutOfMemoryError:
+        # Not a crash: half the device batch, twice the accumulation, from the last checkpoint
+        # (this step's gradients are partial). torch.compile recompiles once for the new shape.
+        orig_model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        device_batch_size, grad_accum_steps = halve_device_batch("base_train", step, device_batch_size,
+                                                                 grad_accum_steps, world_size)
+        user_config["device_batch_size"] = device_batch_size
+        step, loader_state = go_back_after_out_of_memory()
+        start_step = step  # nothing new to save at the step it goes back to
+        train_batches = build_train_loader(loader_state)
+        continue
     stage.synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
@@ -259,6 +307,7 @@ for step in range(start_step, num_iterations + 1):
     mfu = meter.mfu(dt)
     stage.wandb_run.log({"step": step + 1, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
                          "train/tok_per_sec": meter.rate(dt), **({"train/mfu": mfu} if mfu else {})})
+    step += 1
 
 # -----------------------------------------------------------------------------
 # Summary and report

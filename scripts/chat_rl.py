@@ -207,7 +207,10 @@ def main(argv=None):
 
     print0(f"data: {data} | train problems: {len(train_task):,} | val problems: {len(val_task):,}")
     print0(f"step: {args.examples_per_step} problems x {args.num_samples} samples | steps: {num_iterations:,}")
-    meter = ProgressMeter(num_iterations, start_step)  # timing and ETA: RL's line has its own fields
+    # throughput counts the tokens sampled plus the tokens the policy-gradient passes trained on
+    # (prompt + reply, no padding), which differ from step to step; MFU their FLOPs (see the loop)
+    meter = ProgressMeter(num_iterations, start_step, unit="tok/s (sampled + trained)", peak_flops=stage.peak_flops)
+    flops_per_token = orig_model.estimate_flops()  # forward + backward, per trained token
     clock = StageClock(loop_state, device_index=stage.local_rank)
 
     # -------------------------------------------------------------------------
@@ -240,6 +243,7 @@ def main(argv=None):
         # Rollouts: this process's share of the step's problems, each a group of num_samples replies
         model.eval()
         sequences, masks, advantages, rewards = [], [], [], []
+        sampled = 0  # reply tokens the engine sampled (or the calculator forced in) on this process
         cursor = loader_state["cursor"]
         for index in range(cursor + rank, cursor + args.examples_per_step, world_size):
             conversation = train_task[index % len(train_task)]
@@ -250,6 +254,7 @@ def main(argv=None):
                     seed=index)  # seeded by the problem's index: a resumed run samples what the original would have
             group_rewards = torch.tensor([train_task.reward(conversation, r) for r in replies], dtype=torch.float32)
             sequences += group_seqs
+            sampled += sum(len(s) - len(prompt) for s in group_seqs)
             masks += group_masks
             advantages.append(group_advantages(group_rewards))
             rewards.append(group_rewards)
@@ -275,14 +280,19 @@ def main(argv=None):
         dt = meter.stop(step)
         loop_state["total_training_time"] += dt
 
-        reward_sum, reply_count, token_sum = _sum_over_processes(
-            [rewards.sum().item(), len(rewards), sum(len(s) for s in sequences)], device)
+        reward_sum, reply_count, token_sum, sampled = _sum_over_processes(
+            [rewards.sum().item(), len(rewards), sum(len(s) for s in sequences), sampled], device)
         mean_reward = reward_sum / reply_count
+        trained = token_sum - reply_count  # each sequence's inputs: all its tokens but the last
+        # sampling runs forward passes only, a third of a trained token's FLOPs (2 of 6 per
+        # parameter); the prompts' prefill is left out
+        step_flops = flops_per_token * (trained + sampled / 3)
         if loop_state["first_reward"] is None:
             loop_state["first_reward"] = mean_reward
         loop_state["last_reward"] = mean_reward
         print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
                f"mean sequence length {token_sum / reply_count:.0f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+               f"{meter.speed(dt, units=sampled + trained, flops=step_flops)} | "
                f"eta {format_duration(meter.eta_seconds(step))}")
         stage.wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/lrm": lrm, "train/dt": dt})
         stage.report.log_metrics("rl", step + 1, mean_reward=mean_reward)

@@ -11,6 +11,7 @@ Writes chatsft_checkpoints/<model_tag>/ (the tag of the model it starts from).
 
 import argparse
 import sys
+from collections import deque
 
 import torch
 
@@ -98,15 +99,42 @@ if stage.use_compile:
     # each batch is padded to its longest conversation, so the sequence length changes from
     # batch to batch: dynamic=True compiles one graph for all lengths instead of one per length
     model = torch.compile(model, dynamic=True)
-train_batches = PrefetchingLoader(sft_batches(tokenizer, train_set, B, max_tokens, device, rank, world_size,
-                                              loader_state), loader_state)
+
+
+def count_real_tokens(inputs, targets, pad_id):
+    """The input tokens of an SFT batch that are not padding: () int64 tensor on the batch's device.
+
+    inputs, targets: (B, L) from sft_batches, which pads each row at its end with pad_id inputs
+    and -1 targets. A conversation's own last input predicts its closing <|assistant_end|>, a
+    trained token, so a row's padding is exactly its trailing run of such positions (one token
+    off in a row cropped by --max-seq-len just after an <|assistant_end|>: it counts as padding).
+    """
+    padding = (inputs == pad_id) & (targets < 0)  # (B, L)
+    return inputs.numel() - padding.flip(1).cumprod(1).sum()  # cumprod keeps each row's trailing run
+
+
+pad_id = tokenizer.encode_special("<|assistant_end|>")  # what collate_conversations pads inputs with
+batch_tokens = deque()  # real input tokens of each batch fetched and not yet counted into a step, oldest first
+
+
+def counting_tokens(batches):
+    """`batches` unchanged, noting each batch's real input tokens in batch_tokens."""
+    for inputs, targets, state in batches:
+        batch_tokens.append(count_real_tokens(inputs, targets, pad_id))
+        yield inputs, targets, state
+
+
+train_batches = PrefetchingLoader(counting_tokens(sft_batches(tokenizer, train_set, B, max_tokens, device, rank,
+                                                              world_size, loader_state)), loader_state)
 
 print0(f"data: {data} | train conversations: {len(train_set):,} | val conversations: {len(val_set):,}")
 print0(f"batch: {args.target_examples_per_step} conversations per step = {B} x {world_size} processes x "
        f"{grad_accum_steps} accumulation steps | steps: {num_iterations:,}")
 clock = StageClock(loop_state, device_index=stage.local_rank)
 loss_log = LossLog(loop_state, "chat_sft", "lower --init-lr-frac")
-meter = ProgressMeter(num_iterations, start_step, unit="conversations/s", units_per_step=args.target_examples_per_step)
+# steps differ in tokens (conversations differ in length): each step's count goes to meter.line
+meter = ProgressMeter(num_iterations, start_step, unit="tok/s", flops_per_unit=orig_model.estimate_flops(),
+                      peak_flops=stage.peak_flops)
 
 
 def evaluate_val_loss():
@@ -166,8 +194,13 @@ for step in range(start_step, num_iterations + 1):
     stage.synchronize()
     dt = meter.stop(step)
     loop_state["total_training_time"] += dt
+    # the step's real tokens, all processes: train_step took the oldest grad_accum_steps batches
+    # (the loader has fetched one more, which stays queued for the next step)
+    step_tokens = sum(batch_tokens.popleft() for _ in range(grad_accum_steps))
+    if stage.ddp:
+        torch.distributed.all_reduce(step_tokens)
     smooth_loss = loss_log.update(step, train_loss)
-    print0(meter.line(step, smooth_loss, lrm, dt))
+    print0(meter.line(step, smooth_loss, lrm, dt, units=step_tokens.item()))
     stage.report.log_metrics("sft", step + 1, train_loss=smooth_loss)
     stage.wandb_run.log({"step": step + 1, "train/loss": smooth_loss, "train/lrm": lrm})
 

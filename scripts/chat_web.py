@@ -200,6 +200,10 @@ class Generation:
     def _run(self, worker, tokens, max_tokens, sampling_params):
         t0, count = time.perf_counter(), 0
         try:
+            if worker.device.type == "cuda":
+                # the current CUDA device is per thread and starts at GPU 0: without this, what
+                # names no device (torch.cuda.* calls, new streams, empty_cache) lands on GPU 0
+                torch.cuda.set_device(worker.device)
             with worker.autocast():
                 for token_column, _ in worker.engine.generate(tokens, max_tokens=max_tokens, **sampling_params):
                     if self.stopped.is_set():

@@ -2,10 +2,11 @@
 scripts/chat_rl.py: group advantages sum to zero, the policy-gradient loss counts only sampled
 tokens, gives no gradient at zero advantage and raises the log-probability of a
 positive-advantage reply; rollouts keep the stop token; and the script runs on the offline
-task, logs the mean reward, checkpoints, and resumes to bit-identical weights.
+task, logs the mean reward, tok/s and MFU, checkpoints, and resumes to bit-identical weights.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,9 @@ def test_script_runs_the_offline_task_saves_and_resumes(rl_base):
     out = run()
     assert "Loaded sft model d1 step 0" in out
     assert out.count("| mean reward ") == 4 and "step 00004/00004 | mean reward 0.0000" in out
+    # every step's line has its throughput (tokens sampled + tokens trained on) and MFU (no peak on CPU)
+    speeds = re.findall(r"\| tok/s \(sampled \+ trained\) ([\d,]+) \| mfu n/a \| eta ", out)
+    assert len(speeds) == 4 and all(int(v.replace(",", "")) > 0 for v in speeds), out
     assert "step 00004 | val pass@1 " in out
     assert all(os.path.exists(p) for p in checkpoint_files(base_dir, 2) + checkpoint_files(base_dir, 4))
     report = open(os.path.join(base_dir, "report", "chat-rl.md")).read()

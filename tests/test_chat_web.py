@@ -6,6 +6,7 @@ room the context leaves. What needs a real server on 127.0.0.1 gets one: startup
 client over HTTP, 50 concurrent streams some of which hang up, a full queue and a queue timeout.
 """
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from conftest import REPO, TINY_CONTEXT, free_port
@@ -344,6 +346,27 @@ def test_app_keeps_serving_after_bad_requests(client):
     assert r.choices[0].finish_reason in ("stop", "length")
     stats = client.get("/stats").json()
     assert stats["workers"]["free"] == 1 and stats["errors"] == 0
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cpu"])
+def test_generation_thread_makes_its_replica_s_gpu_current(load, monkeypatch, device):
+    """A replica on GPU 1 samples in a thread whose current CUDA device is GPU 1, so what names no
+    device goes there rather than to GPU 0; a CPU replica leaves CUDA alone."""
+    model, tokenizer = load("d1")
+    worker = chat_web.Worker(0, model, tokenizer, torch.float32)
+    worker.device = torch.device(device)  # cuda:1 as on a 2-GPU machine; the weights stay on the CPU
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((d, threading.current_thread())))
+    pool = chat_web.WorkerPool([worker], max_queue=1, queue_timeout=1)
+
+    async def generate():
+        prompt = tokenizer.render_for_completion({"messages": USER})
+        generation = chat_web.Generation(pool, await pool.acquire(), prompt, 3, {"temperature": 0.0})
+        return [t async for t in generation.tokens()], generation.thread
+
+    tokens, thread = asyncio.run(generate())
+    assert tokens
+    assert calls == ([(torch.device("cuda:1"), thread)] if device == "cuda:1" else [])
 
 
 def test_api_key(load):

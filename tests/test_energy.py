@@ -2,17 +2,22 @@
 nanochat/energy.py with a fake NVML module in place of pynvml: the energy-counter path, the
 power-sampling path (trapezoid integral, daemon thread, failed reads bridged), and every way
 to be unavailable (no pynvml, no GPU, a GPU that reports neither); the stage clock's totals
-across a resume; then the real pynvml on this machine, whatever it has.
+across a resume, and summed over 2 gloo ranks; then the real pynvml on this machine, whatever
+it has.
 """
 
+import os
 import sys
 import threading
 import time
 import types
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import nanochat.energy as energy
+from conftest import free_port
 from nanochat.energy import EnergyMeter, StageClock, energy_for_report
 
 
@@ -172,6 +177,58 @@ def test_stage_clock_without_nvml_reports_wall_time_only(monkeypatch):
     clock = StageClock({})
     now["t"] += 12.34
     assert clock.report_items() == {"wall time (s)": 12.3, "energy (Wh)": "n/a"}
+
+
+def _stage_clock_worker(rank, world_size, port, results):
+    """One rank of a torchrun job: each rank's GPU used (rank + 1) x the energy of rank 0's,
+    and rank r's clock ran 60 (r + 1) s before the first checkpoint."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        sys.modules["pynvml"] = None  # no real GPU: every reading comes from the list below
+        # this rank's readings in Wh since its meter started, one per elapsed_wh() call (stop() makes one too)
+        readings = iter([1.0 * (rank + 1), 1.5 * (rank + 1),  # the first run: at the checkpoint, at the end
+                         0.5 * (rank + 1),  # the resumed run, at the end
+                         2.0 if rank == 0 else None])  # a run where rank 1 has no NVML
+        energy.EnergyMeter.elapsed_wh = lambda self: next(readings)
+        now = {"t": 1000.0}
+        energy.time = types.SimpleNamespace(time=lambda: now["t"], monotonic=time.monotonic)
+
+        loop_state = {}
+        clock = energy.StageClock(loop_state, device_index=rank)
+        now["t"] += 60 * (rank + 1)
+        clock.update()  # before the checkpoint
+        saved = [dict(loop_state)]
+        dist.broadcast_object_list(saved, src=0)  # the checkpoint holds rank 0's loop_state
+        results.put((rank, "checkpoint", dict(loop_state)))
+        now["t"] += 30
+        results.put((rank, "end", clock.report_items()))
+
+        resumed = energy.StageClock(dict(saved[0]))  # every rank of the resumed job loads rank 0's
+        now["t"] += 30
+        results.put((rank, "resumed end", resumed.report_items()))
+
+        results.put((rank, "rank 1 without NVML", energy.StageClock({}).report_items()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_stage_clock_sums_energy_over_ranks_and_counts_a_resume_once():
+    results = mp.get_context("spawn").Queue()
+    mp.spawn(_stage_clock_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    got = {}
+    for _ in range(8):
+        rank, name, value = results.get(timeout=30)
+        got[rank, name] = value
+    # 1 + 2 Wh at the checkpoint, on every rank alike; the wall time is each rank's own
+    assert got[0, "checkpoint"] == {"wall_time_s": 60.0, "energy_wh": pytest.approx(3.0)}
+    assert got[1, "checkpoint"] == {"wall_time_s": 120.0, "energy_wh": pytest.approx(3.0)}
+    for rank in range(2):
+        assert got[rank, "end"]["energy (Wh)"] == 4.5  # 1.5 + 3.0
+        assert got[rank, "resumed end"]["energy (Wh)"] == 4.5  # 3.0 saved + 0.5 + 1.0 since, not 3.0 again
+        assert got[rank, "rank 1 without NVML"]["energy (Wh)"] == "n/a"
+    assert got[0, "end"]["wall time (s)"] == 90.0 and got[0, "resumed end"]["wall time (s)"] == 90.0  # rank 0's
 
 
 def test_real_nvml_on_this_machine_never_raises():
