@@ -26,6 +26,7 @@ from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_cor
 from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
+from nanochat.fp8 import convert_blocks_to_fp8, fp8_unsupported_reason
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_shape, shape_flags
@@ -76,6 +77,8 @@ parser.add_argument("--resume", action="store_true", help="continue from the las
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the model (default: on for CUDA, off elsewhere)")
+parser.add_argument("--fp8", action="store_true",
+                    help="train the block matrices in fp8 (torchao, tensorwise; GPUs of sm_89 and newer)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
@@ -86,6 +89,8 @@ try:
 except ValueError as e:
     sys.exit(f"base_train: {e}")
 device, world_size, autocast_ctx = stage.device, stage.world_size, stage.autocast_ctx
+if args.fp8 and (reason := fp8_unsupported_reason(device)):
+    sys.exit(f"base_train: --fp8: {reason}")
 
 # Tokenizer
 try:
@@ -112,6 +117,9 @@ with torch.device("meta"):
 model.to_empty(device=device)
 init_rng_state = capture_rng_state()  # to re-initialise identically if memory runs out before the first checkpoint
 model.init_weights()
+if args.fp8:
+    print0(f"fp8: {convert_blocks_to_fp8(model)} block matrices train in fp8 (torchao, tensorwise)"
+           + ("" if stage.use_compile else "; without torch.compile fp8 is slower than bf16"))
 orig_model = model  # the uncompiled module: its state_dict has clean names, and it handles variable shapes
 num_params = model.num_scaling_params()
 flops_per_token = model.estimate_flops()
