@@ -134,6 +134,31 @@ GPU_PEAK_FLOPS_BF16 = [
 ]
 
 
+# Peak memory bandwidth in bytes/s from the vendors' datasheets, matched like GPU_PEAK_FLOPS_BF16
+# (GB10: 273 GB/s LPDDR5x, NVIDIA's DGX Spark datasheet). Decoding one token reads every weight,
+# so this bounds decode speed; dev/device_check.py reports decode's use of it.
+GPU_MEMORY_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM
+    ("B200", 8.0e12),
+    ("GB10", 273e9),
+    ("A100", 2.0e12),
+    ("A10G", 600e9),
+    ("L40S", 864e9),
+    ("L4", 300e9),
+    ("RTX 5090", 1.79e12),
+    ("RTX 4090", 1.01e12),
+    ("RTX 3090", 936e9),
+]
+
+
+def get_memory_bandwidth(device_name):
+    """Peak memory bandwidth in bytes/s for a GPU name (GPU_MEMORY_BANDWIDTH), or None when unknown."""
+    return next((bw for key, bw in GPU_MEMORY_BANDWIDTH if key in device_name), None)
+
+
 def get_peak_flops(device_name):
     """Return the bf16 dense peak FLOP/s for a GPU name, or None when it is not in the table.
 
