@@ -10,6 +10,7 @@ and resume (checkpoint_manager.py), or a stage's wall time and energy (energy.St
 """
 
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -72,8 +73,12 @@ def init_compute(device_type=None):
 def should_compile(flag, device_type):
     """The torch.compile policy of every training stage: --compile / --no-compile when given
     (flag True/False), else on for CUDA and off elsewhere (on CPU and MPS the compile time
-    outweighs the gain for the small models trained there)."""
-    return device_type == "cuda" if flag is None else flag
+    outweighs the gain for the small models trained there). NANOCHAT_COMPILE=0 in the
+    environment turns the CUDA default off: setup.sh writes it to .nanochat_env when
+    torch.compile cannot build a kernel on this GPU (dev/check_accelerator.py)."""
+    if flag is not None:
+        return flag
+    return device_type == "cuda" and os.environ.get("NANOCHAT_COMPILE", "1") != "0"
 
 
 @dataclass

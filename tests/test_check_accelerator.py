@@ -115,32 +115,33 @@ def test_gb10_without_cuda13_ptxas(check, monkeypatch, tmp_path, capsys):
     calls = fake_gpu(monkeypatch, check, "NVIDIA GB10", (12, 1), [(False, PTXAS_ERROR)],
                      [str(tmp_path / "cuda-13.0" / "bin" / "ptxas")])
     env_file = tmp_path / ".nanochat_env"
-    assert check.main(str(env_file)) == 1
+    assert check.main(str(env_file)) == 0  # setup goes on; training runs eagerly
     out = capsys.readouterr().out
     assert "no CUDA 13 ptxas was found: install the CUDA 13 toolkit" in out
     assert "cuda-toolkit-13-0" in out and "re-run ./setup.sh" in out
-    assert "--no-compile after `--`" in out  # the README's fallback (Troubleshooting)
+    assert "run without torch.compile (slower)" in out
     assert calls == [None]
-    assert not env_file.exists()
+    assert env_file.read_text() == HEADER + "export NANOCHAT_COMPILE=0\n"  # training.should_compile reads it
 
 
 def test_gb10_ptxas_that_still_fails(check, monkeypatch, tmp_path, capsys):
     ptxas = tmp_path / "ptxas"
     ptxas.write_text("")
     fake_gpu(monkeypatch, check, "NVIDIA GB10", (12, 1), [(False, PTXAS_ERROR), (False, PTXAS_ERROR)], [str(ptxas)])
-    assert check.main(str(tmp_path / ".nanochat_env")) == 1
+    assert check.main(str(tmp_path / ".nanochat_env")) == 0
     out = capsys.readouterr().out
-    assert "torch.compile failed on NVIDIA GB10" in out and "sm_121a" in out and "--no-compile" in out
+    assert "torch.compile failed on NVIDIA GB10" in out and "sm_121a" in out and "without torch.compile" in out
+    assert "NANOCHAT_COMPILE=0" in (tmp_path / ".nanochat_env").read_text()
 
 
 def test_other_compile_errors_are_not_blamed_on_ptxas(check, monkeypatch, tmp_path, capsys):
     ptxas = tmp_path / "ptxas"
     ptxas.write_text("")
     calls = fake_gpu(monkeypatch, check, "NVIDIA H100 80GB HBM3", (9, 0), [(False, PTXAS_ERROR)], [str(ptxas)])
-    assert check.main(str(tmp_path / ".nanochat_env")) == 1  # sm_90: Triton's ptxas knows it, so no retry
+    assert check.main(str(tmp_path / ".nanochat_env")) == 0  # sm_90: Triton's ptxas knows it, so no retry
     assert calls == [None]
     calls = fake_gpu(monkeypatch, check, "NVIDIA GB10", (12, 1), [(False, "RuntimeError: out of memory")], [str(ptxas)])
-    assert check.main(str(tmp_path / ".nanochat_env")) == 1
+    assert check.main(str(tmp_path / ".nanochat_env")) == 0
     assert calls == [None]
     assert "torch.compile failed on NVIDIA GB10" in capsys.readouterr().out
 
@@ -179,3 +180,12 @@ def test_ptxas_candidates_prefer_versioned_cuda13(check, monkeypatch):
 
 def test_bf16_matmul_error_is_small_on_cpu(check):
     assert check.bf16_matmul_error("cpu") < 1.0
+
+
+def test_compile_off_in_the_env_file_turns_the_cuda_default_off(monkeypatch):
+    from nanochat.training import should_compile
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    assert not should_compile(None, "cuda")
+    assert should_compile(True, "cuda")  # --compile still wins
+    monkeypatch.delenv("NANOCHAT_COMPILE")
+    assert should_compile(None, "cuda")
