@@ -138,3 +138,23 @@ def test_plan_sees_the_extra_arguments():
                           "--init-lr-frac", "0.5"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pretraining (--num-iterations): 5 steps x 8,192 tokens" in out.stdout
+
+
+def test_gb10_device_properties_give_the_unified_budget(monkeypatch):
+    """A faked GB10 (integrated, 128 GB of system memory; cudaMemGetInfo would say less): run_shape
+    reads the system total through common.gpu_memory_bytes and sizes the batch for the unified
+    budget, not for the card's reported memory."""
+    import types
+
+    import psutil
+    import torch
+    props = types.SimpleNamespace(name="NVIDIA GB10", total_memory=40 * GiB, is_integrated=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=int(119.7 * GiB)))
+    spark = run_shape("gpu", "cuda", depth=20)
+    assert spark.memory_budget == memory_budget(int(119.7 * GiB), True)
+    assert spark.device_batch_size == 16 and spark.peak_memory.total <= spark.memory_budget
+    props.name, props.is_integrated = "NVIDIA H100 80GB HBM3", False  # a discrete card: its own memory
+    props.total_memory = int(79.1 * GiB)
+    assert run_shape("gpu", "cuda", depth=20).memory_budget == memory_budget(int(79.1 * GiB), False)
