@@ -59,8 +59,14 @@ def padded_vocab_size(vocab_size, multiple=64):
 
 
 def norm(x):
-    """Parameter-free RMSNorm over the last dim (eps: torch's default, finfo(dtype).eps)."""
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm over the last dim (eps: torch's default, finfo(dtype).eps), in x's dtype.
+
+    CUDA autocast runs rms_norm in fp32 and returns fp32 (CPU autocast does not); casting back
+    keeps the normed bf16 q and k in bf16, so the KV cache stores keys in bf16 like the values
+    instead of in fp32 (twice the key memory, and a cast of every cached key at each decode
+    step). SDPA casts them to bf16 anyway: the result is unchanged.
+    """
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def apply_rotary_emb(x, cos, sin):
@@ -196,15 +202,14 @@ class GPT(nn.Module):
         self.register_buffer("sin", torch.empty(table_shape), persistent=False)
 
     def _precompute_rotary(self, seq_len, device=None):
-        """cos, sin tables of shape (1, seq_len, 1, head_dim/2); bf16 on CUDA, fp32 elsewhere."""
+        """fp32 cos, sin tables of shape (1, seq_len, 1, head_dim/2), on every device: forward
+        rounds them to the autocast dtype when autocast is on, and an fp32 run stays fp32."""
         head_dim = self.config.n_embd // self.config.n_head
         channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (self.rotary_base ** (channel / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (seq_len, head_dim/2)
         cos, sin = freqs.cos(), freqs.sin()
-        if cos.device.type == "cuda":  # halves the tables' traffic; the rotated q/k are bf16 under autocast anyway
-            cos, sin = cos.bfloat16(), sin.bfloat16()
         return cos[None, :, None, :], sin[None, :, None, :]
 
     @torch.no_grad()
@@ -301,7 +306,11 @@ class GPT(nn.Module):
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         if t0 + T > self.cos.size(1):
             raise ValueError(f"position {t0 + T} is past the rotary tables ({self.cos.size(1)} = 10 x sequence_len)")
-        cos_sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]  # fp32 (1, T, 1, head_dim/2)
+        if torch.is_autocast_enabled(idx.device.type):  # bf16 q/k are rotated in bf16 (as upstream); fp32 runs in fp32
+            dtype = torch.get_autocast_dtype(idx.device.type)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        cos_sin = cos, sin
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         x = norm(x)
         for block in self.transformer.h:

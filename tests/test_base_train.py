@@ -9,8 +9,10 @@ under a byte-level tokenizer (no merges: one token per ASCII character, plus <|b
 1 process x 2 micro-batches and 2 processes x 1 micro-batch see the same documents per step.
 """
 
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,8 +60,8 @@ def train_args(**overrides):
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
-def run_env(base_dir):
-    return dict(os.environ, NANOCHAT_BASE_DIR=base_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run_env(base_dir, **extra):
+    return dict(os.environ, NANOCHAT_BASE_DIR=base_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
 def run_train(base_dir, *args, launcher=(sys.executable, "-m"), check=True):
@@ -68,6 +70,20 @@ def run_train(base_dir, *args, launcher=(sys.executable, "-m"), check=True):
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def start_stage(base_dir, module, *args, **extra_env):
+    """`python -m <module> <args>` in the background (one thread: two of them share the CI's 2 cores);
+    extra_env adds environment variables (e.g. NANOCHAT_DTYPE). Collect it with finish_stage."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=run_env(base_dir, **extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_stage(proc):
+    """Wait for a start_stage process; assert it succeeded and return (stdout, stderr)."""
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout, stderr
 
 
 def losses(stdout):
@@ -123,6 +139,20 @@ def test_progress_meter_line_in_any_unit():
     assert meter.eta_seconds(4) == pytest.approx(5 * dt)
     timing_only = ProgressMeter(10).line(0, 2.0, 0.5, 0.25)
     assert timing_only == "step 00001/00010 (10.00%) | loss 2.000000 | lrm 0.50 | dt 250ms | eta ?"
+
+
+def test_progress_meter_with_a_unit_count_per_step():
+    """SFT and RL steps differ in tokens: each step's count comes with it, MFU follows the count."""
+    meter = ProgressMeter(10, unit="tok/s", flops_per_unit=1e9, peak_flops=1e13)  # no units_per_step
+    assert meter.line(0, 2.0, 1.0, 0.5, units=1000) == ("step 00001/00010 (10.00%) | loss 2.000000 | lrm 1.00 | "
+                                                        "dt 500ms | tok/s 2,000 | mfu 20.0% | eta ?")
+    assert "| tok/s 6,000 | mfu 60.0% |" in meter.line(1, 2.0, 1.0, 0.5, units=3000)
+    assert meter.rate(0.5, units=3000) == 6000 and meter.mfu(0.5, units=3000) == pytest.approx(60.0)
+    # a step whose tokens cost different FLOPs (RL: sampled ones only run forward) gives its FLOPs
+    assert meter.speed(0.5, units=1000, flops=2.5e12) == "tok/s 2,000 | mfu 50.0%"
+    no_peak = ProgressMeter(10, unit="tok/s", flops_per_unit=1e9)  # CPU: the peak is unknown
+    assert "| tok/s 2,000 | mfu n/a |" in no_peak.line(0, 2.0, 1.0, 0.5, units=1000)
+    assert no_peak.mfu(0.5, flops=1e12) is None
 
 
 def test_should_save_and_should_compile():
@@ -280,3 +310,65 @@ def test_torchrun_two_processes_match_one_with_accumulation(tmp_path):
     c = load_model_state(two, 8)
     for k in b:
         assert torch.equal(b[k], c[k]), k
+
+
+# -----------------------------------------------------------------------------
+# The GPU's defaults on the CPU: bf16 autocast (NANOCHAT_DTYPE=bfloat16 overrides the CPU's fp32)
+# and torch.compile (--compile; inductor builds C++ kernels on the CPU)
+
+# bf16 rounds every matmul's inputs to 8 significant bits (relative 2^-9 ~ 0.2%), and the runs'
+# weights drift apart a little with each step. Measured over these 8 steps: bf16 vs fp32 differ by
+# <= 7e-4 in the (smoothed) loss and <= 3e-3 in val bpb, compiled vs eager bf16 by <= 2e-4 and
+# <= 1.4e-3. 0.02 leaves room for other CPUs' bf16 kernels; a broken precision path (say, logits
+# left in bf16 for the loss) or a compiled graph computing something else shows as far more.
+STAGE_ATOL = 0.02
+PRECISION_ARGS = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": -1})  # val bpb at 0, 4, 8
+
+
+@pytest.fixture(scope="module")
+def fp32_and_bf16_runs(tmp_path_factory):
+    """base_train for 8 steps in fp32 and in bf16 autocast, uncompiled, side by side: {dtype: stdout}."""
+    procs = {dtype: start_stage(make_base_dir(str(tmp_path_factory.mktemp(dtype) / "run")), "scripts.base_train",
+                                *PRECISION_ARGS, "--no-compile", NANOCHAT_DTYPE=dtype)
+             for dtype in ("float32", "bfloat16")}
+    return {dtype: finish_stage(proc)[0] for dtype, proc in procs.items()}
+
+
+def assert_runs_agree(stdout, reference, atol=STAGE_ATOL):
+    """Same steps and evaluations, every loss and val bpb finite and within atol of the reference run's."""
+    for curve in (losses, val_bpbs):
+        got, want = curve(stdout), curve(reference)
+        assert sorted(got) == sorted(want) and got, (got, want)
+        for step in want:
+            assert math.isfinite(got[step]) and abs(got[step] - want[step]) <= atol, (curve.__name__, step, got, want)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_training_follows_fp32(fp32_and_bf16_runs):
+    fp32, bf16 = fp32_and_bf16_runs["float32"], fp32_and_bf16_runs["bfloat16"]
+    assert "| dtype: torch.float32 |" in fp32 and "| dtype: torch.bfloat16 |" in bf16
+    assert sorted(val_bpbs(bf16)) == [0, 4, 8] and sorted(losses(bf16)) == list(range(1, 9))
+    assert_runs_agree(bf16, fp32)
+    assert losses(bf16)[8] < losses(bf16)[1] - 0.5  # and it learns
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile on the CPU (inductor) builds C++ kernels: no C++ compiler found "
+                           "(apt-get install g++, or set CXX)")
+def test_compiled_bf16_training_compiles_twice_and_follows_eager(fp32_and_bf16_runs, tmp_path):
+    """base_train --compile in bf16 (the GPU's defaults) with val bpb before, between and after the
+    steps. Dynamo traces GPT.forward exactly twice: once for evaluation (eval mode, no grad,
+    per-token losses) at step 0, and once more when training starts (grad mode on: the recompile's
+    guard failure). Every later step and evaluation reuses one of the two graphs: no recompile per
+    step, none at the train/eval switches, no graph break. The losses follow the eager bf16 run."""
+    base = make_base_dir(str(tmp_path / "run"))
+    stdout, stderr = finish_stage(start_stage(base, "scripts.base_train", *PRECISION_ARGS, "--compile",
+                                              NANOCHAT_DTYPE="bfloat16", TORCH_LOGS="dynamo,recompiles,graph_breaks"))
+    assert "| dtype: torch.bfloat16 | compile: True" in stdout
+    traced = re.findall(r"torchdynamo start tracing (\S+) (\S+):\d+", stderr)
+    assert traced == [("forward", os.path.join(REPO, "nanochat", "gpt.py"))] * 2, (traced, stderr[-3000:])
+    recompiles = re.findall(r"Recompiling function (\S+) .*\n.*triggered by.*\n.*?- 0/0: (.*)", stderr)
+    assert len(recompiles) == 1 and recompiles[0][0] == "forward" and "grad_mode" in recompiles[0][1], recompiles
+    assert "Graph break" not in stderr
+    assert_runs_agree(stdout, fp32_and_bf16_runs["bfloat16"])

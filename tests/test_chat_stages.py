@@ -1,12 +1,14 @@
 """
 scripts/mid_train.py and scripts/chat_sft.py on CPU with the offline task data: each trains
 from the previous stage's checkpoint, lowers its validation loss, and a run resumed from an
-intermediate checkpoint ends bit-identical to the uninterrupted run. mid_train writes under
-the tag of the base model it loaded, and the identity conversations both stages mix in are
-generated when missing and taken as they are when the user has edited them.
+intermediate checkpoint ends bit-identical to the uninterrupted run; SFT prints tok/s and MFU
+per step. mid_train writes under the tag of the base model it loaded, and the identity
+conversations both stages mix in are generated when missing and taken as they are when the
+user has edited them.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ import torch
 
 from tasks.identity import generate_conversations
 from tasks.mixtures import mid_mixture, sft_mixture
-from test_base_train import REPO, make_base_dir, run_env
+from test_base_train import REPO, STAGE_ATOL, finish_stage, make_base_dir, run_env, start_stage
 
 
 def run(base_dir, module, *args):
@@ -100,6 +102,9 @@ def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
              "--save-every=4", "--init-lr-frac=1.0"]
     proc = run(base_dir, "scripts.chat_sft", *flags)
     assert "Loaded mid model d2" in proc.stdout
+    # every step's line has its tokens per second (the step's non-padding tokens) and MFU (no peak on CPU)
+    speeds = re.findall(r"^step \d{5}/00008 .*\| tok/s ([\d,]+) \| mfu n/a \| eta ", proc.stdout, re.MULTILINE)
+    assert len(speeds) == 8 and all(int(v.replace(",", "")) > 0 for v in speeds), proc.stdout
     losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", proc.stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], losses
     ckpt = os.path.join(base_dir, "chatsft_checkpoints", "d2")
@@ -109,6 +114,28 @@ def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
     run(base_dir, "scripts.chat_sft", *flags, "--resume")
     assert_same_model(reference, ckpt, 8)
     assert os.path.exists(os.path.join(base_dir, "report", "chat-sft.md"))
+
+
+@pytest.mark.slow
+def test_mid_train_in_bf16_follows_fp32(base_dir, tmp_path):
+    """6 midtraining steps in bf16 autocast (the GPU's default, NANOCHAT_DTYPE=bfloat16 here) and in
+    fp32 from the same base checkpoint: finite losses and val bpb, each within STAGE_ATOL (the
+    tolerance of test_base_train's bf16 run, which says why) of fp32's. Measured: <= 3e-3 in the
+    smoothed loss, <= 4e-3 in val bpb."""
+    flags = ["--data=offline", "--device-batch-size=2", "--max-seq-len=64", "--total-batch-size=128",
+             "--num-iterations=6", "--eval-every=3", "--eval-tokens=512", "--save-every=-1"]
+    procs = {}
+    for dtype in ("float32", "bfloat16"):  # each in its own copy: mid_train writes the identity file and checkpoints
+        copy = shutil.copytree(base_dir, str(tmp_path / dtype))
+        procs[dtype] = start_stage(copy, "scripts.mid_train", *flags, "--no-compile", NANOCHAT_DTYPE=dtype)
+    out = {dtype: finish_stage(proc)[0] for dtype, proc in procs.items()}
+    assert "| dtype: torch.bfloat16 |" in out["bfloat16"] and "| dtype: torch.float32 |" in out["float32"]
+    curves = {dtype: ([float(v) for v in re.findall(r"^step \d{5}/\d{5} .*?\| loss ([\d.]+)", text, re.MULTILINE)],
+                      [float(v) for v in re.findall(r"val bpb ([\d.]+)", text)]) for dtype, text in out.items()}
+    for got, want in zip(curves["bfloat16"], curves["float32"]):
+        assert len(got) == len(want) > 0 and all(math.isfinite(v) for v in got), (got, want)
+        assert max(abs(a - b) for a, b in zip(got, want)) <= STAGE_ATOL, (got, want)
+    assert [len(c) for c in curves["bfloat16"]] == [6, 3]  # 6 steps; val bpb at 0, 3 and 6
 
 
 OFFLINE_SIZES = {"define_word": 2, "definition_mc": 2, "arithmetic": 2, "simple_spelling": 2, "spelling_bee": 2}

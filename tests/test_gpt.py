@@ -1,5 +1,6 @@
 """Tests for nanochat/gpt.py: sizes, FLOPs, masking, KV-cache equivalence, loss and logits."""
 
+import copy
 import math
 
 import pytest
@@ -193,3 +194,57 @@ def test_sequence_longer_than_rotary_tables_raises():
     model = build(GPTConfig(sequence_len=2, vocab_size=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=8))
     with pytest.raises(ValueError, match="rotary"):
         model(torch.zeros(1, 21, dtype=torch.long))
+
+
+# bf16 autocast (the GPU default), run here with CPU autocast. bf16 keeps 8 significant bits
+# (relative rounding 2^-9 ~ 0.2%) and autocast rounds every matmul's inputs to it: on TINY's
+# logits (|logit| up to ~12) bf16 and fp32 differ by ~0.11 (measured); 0.25 allows ~2x that, and
+# is still a small fraction of the softcap's [-15, 15] range.
+BF16_VS_FP32_ATOL = 0.25
+
+
+def test_rotary_tables_stay_fp32_and_bf16_autocast_rotates_in_bf16():
+    """The tables are fp32 on every device, so an fp32 run (a GPU older than Ampere, or chat_cli
+    --dtype float32 on CUDA) is fp32 throughout: the bf16 tables this model used to keep on CUDA
+    moved an fp32 run's logits by ~1e-2 where fp32 rounding moves them by ~1e-6. Under bf16
+    autocast forward rounds them to bf16 once and q/k are rotated in bf16, as on the GPU."""
+    model = build(TINY)
+    randomize_residual_projections(model)
+    assert model.cos.dtype == model.sin.dtype == torch.float32
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.sequence_len))
+    with torch.no_grad():
+        fp32 = model(idx)
+        fp64 = copy.deepcopy(model).double()(idx)  # everything in float64, tables included
+        torch.testing.assert_close(fp32, fp64.float(), atol=1e-4, rtol=0)
+        bf16_tables = copy.deepcopy(model)
+        bf16_tables.cos, bf16_tables.sin = model.cos.bfloat16(), model.sin.bfloat16()
+        assert (bf16_tables(idx) - fp32).abs().max() > 1e-3  # why the fp32 path needs fp32 tables
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(idx)
+            assert torch.equal(bf16, bf16_tables(idx))  # rotation in bf16: the GPU's numbers on the CPU
+    torch.testing.assert_close(bf16, fp32, atol=BF16_VS_FP32_ATOL, rtol=0)
+
+
+def test_bf16_autocast_logits_are_softcapped_in_fp32():
+    """Under bf16 autocast lm_head's matmul runs in bf16, and its output is upcast before the
+    softcap: the logits are fp32 values (not bf16 ones), exactly 15*tanh(x/15) of the bf16 matmul's
+    output, inside (-15, 15). The loss is the fp32 cross entropy of those logits, within 0.5% of fp32's."""
+    model = build(TINY)
+    randomize_residual_projections(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # raw logits past the cap, where a bf16 tanh would round to 15
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    raw = []
+    model.lm_head.register_forward_hook(lambda module, args, out: raw.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        loss = model(idx, idx)
+    assert raw[0].dtype == torch.bfloat16 and logits.dtype == torch.float32 and loss.dtype == torch.float32
+    capped = GPT.softcap * torch.tanh(raw[0][..., :TINY.vocab_size].float() / GPT.softcap)
+    assert torch.equal(logits, capped)
+    assert not torch.equal(logits, logits.bfloat16().float())  # the cap's output is not rounded to bf16
+    assert logits.abs().max() < GPT.softcap and (raw[0].abs() > 3 * GPT.softcap).any()
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), idx.view(-1)))
+    with torch.no_grad():
+        fp32_loss = model(idx, idx).item()
+    assert loss.item() == pytest.approx(fp32_loss, rel=5e-3)  # measured 0.13%: bf16's rounding scale (2^-9 ~ 0.2%)
