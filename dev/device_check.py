@@ -8,9 +8,9 @@ model picks (tok/s, MFU, peak memory predicted vs measured, compile time), then 
 the GPU as the pipeline runs it (base_train with torch.compile + bf16 + fused AdamW + Muon, a
 resume from its checkpoint, mid_train, chat_sft, chat_rl, chat_eval, the Engine's KV-cache
 decode against a full forward, chat_web answering the OpenAI client).
-Part 2 (the rest): d12 and d26 throughput; decode tok/s, time to first token and memory-bandwidth
-use at batch 1, 8, 32 (d20); the SDPA backends; bf16 vs fp8 (d20, d26); the memory model's
-eager grid (d20, batch 4 to 32); torch.compile's max-autotune mode against the default (d12).
+Part 2 (the rest, cheapest first): the memory model's eager grid (d20, batch 4 to 32); decode
+tok/s, time to first token and memory-bandwidth use at batch 1, 8, 32 (d20); the SDPA backends;
+d12 and d26 throughput; bf16 vs fp8 (d20, d26); torch.compile's max-autotune against the default (d12).
 
 Every item reports pass/fail with its error and is written as soon as it ends, and a time budget
 stops starting new items, so a call cut short still returns what it measured. --cpu runs the same
@@ -55,9 +55,9 @@ SIZES = {
                 fp8_depths=[2], memory_depth=2, memory_batches=[2, 4], autotune_depth=None, sdpa_batch=2),
 }
 STAGE_TIMEOUT_S = 240
-# seconds after which a part starts no new item: part 1 fits one `run` call of at most 10 minutes
-# with the machine's start; part 2 fits a second, shorter one
-BUDGET_S = {"1": 420, "2": 240}
+# seconds after which a part starts no new item. The device time (15 minutes) also pays for each
+# machine start and idle wait: part 1 fits a `run` call of 450 s, part 2 one of 270 s.
+BUDGET_S = {"1": 300, "2": 150}
 
 
 class Report:
@@ -126,7 +126,8 @@ def free_memory():
 # Part 1: the stages, as the pipeline runs them
 
 def run_script(module, *args, env):
-    """Run `python -m module args` in the repo; return its stdout, or raise with its last output."""
+    """Run `python -m module args` in the repo (at most STAGE_TIMEOUT_S); return its stdout, or
+    raise with its last output."""
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=STAGE_TIMEOUT_S)
     if proc.returncode != 0:
@@ -176,15 +177,19 @@ def check_engine(env):
         {"messages": [{"role": "user", "content": "What is 2 + 3?"}]})
     with ctx:
         cached = Engine(model, tokenizer).generate_batch(prompt, max_tokens=24, temperature=0.0)[0][0][len(prompt):]
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(len(cached)):
-                ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
-    full = ids[len(prompt):]
-    same = next((i for i, (a, b) in enumerate(zip(cached, full)) if a != b), None)
-    if same is not None:
-        raise RuntimeError(f"KV-cache decode differs from the full forward at token {same}: {cached} vs {full}")
-    return {"detail": f"{len(cached)} greedy tokens identical with and without the KV cache ({dtype})"}
+        if not cached:
+            raise RuntimeError("the Engine generated no token")
+        with torch.no_grad():  # one full forward over prompt + the cached decode's tokens
+            logits = model(torch.tensor([prompt + cached], device=device))[0, len(prompt) - 1:-1].float()
+    # bf16 rounds differently with and without the cache (tests/test_engine.py measures up to 0.15
+    # in the logits), so a token counts as greedy when its full-forward logit is within 0.25 of the best
+    chosen = logits[torch.arange(len(cached)), torch.tensor(cached, device=device)]
+    gap = (logits.max(dim=-1).values - chosen).max().item()
+    exact = sum(int(t == a) for t, a in zip(cached, logits.argmax(dim=-1).tolist()))
+    if gap > 0.25:
+        raise RuntimeError(f"a KV-cache greedy token is {gap:.3f} below the full forward's best logit")
+    return {"detail": f"{len(cached)} greedy KV-cache tokens: {exact} are the full forward's argmax, every one "
+                      f"within {gap:.3f} of its best logit ({dtype})"}
 
 
 def check_chat_web(env):
@@ -229,8 +234,11 @@ def check_chat_web(env):
 
 
 def run_stages(report, sizes, base_dir):
+    global STAGE_TIMEOUT_S
     preset = sizes["preset"]
     env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir, PYTHONUNBUFFERED="1")
+    # a stage started near the end of the budget must not outlive the `run` call
+    STAGE_TIMEOUT_S = min(STAGE_TIMEOUT_S, max(60, report.time_left() + 90))
     base = report.run("base_train (compile, bf16, fused AdamW, Muon)", check_base_train, env, preset)
     report.run("base_train resume from a checkpoint", check_resume, env, preset, base)
     report.run("mid_train", lambda: {"detail": f"loss {last_loss(run_script('scripts.mid_train', *stage_flags('mid', preset), env=env)):.4f}"})
@@ -374,8 +382,10 @@ def measure_fp8(report, sizes, depth):
     if reason:
         report.data["fp8"].append({"depth": depth, "skipped": reason})
         return {"detail": f"skipped: {reason}"}
-    measure_training(report, depth, sizes, "compile")
-    bf16 = report.data["train"][-1]
+    done = [r for r in report.data["train"] if r["depth"] == depth and r["mode"] == "compile"]
+    if not done:  # compile time counts: reuse the throughput row of this depth when there is one
+        measure_training(report, depth, sizes, "compile")
+    bf16 = (done or report.data["train"])[-1]
     measure_training(report, depth, sizes, "fp8", batch_size=bf16["batch"])
     fp8 = report.data["train"][-1]
     row = {"depth": depth, "batch": bf16["batch"], "bf16_tok_s": bf16["tok_s"], "fp8_tok_s": fp8["tok_s"],
@@ -453,8 +463,9 @@ def to_markdown(data):
                 table(data["train"], ["depth", "mode", "batch", "seq", "tok_s", "mfu", "predicted_gib", "allocated_gib",
                                       "reserved_gib", "compile_s", "notes"])]
     if data["decode"]:
-        out += ["Decode (Engine, KV cache, random weights, sampling at temperature 1; bandwidth: (weights + KV cache "
-                "read per step) / peak):\n\n",
+        out += ["Decode (Engine, KV cache, random weights, sampling at temperature 1; bandwidth: (weights as stored + "
+                "KV cache) read per step / peak; fp32+autocast also re-casts every weight each step, about twice "
+                "that traffic):\n\n",
                 table(data["decode"], ["depth", "weights", "batch", "prompt", "tokens", "ttft_ms", "tok_s",
                                        "bandwidth_pct"])]
     if data["sdpa"]:
@@ -497,14 +508,14 @@ def main(argv=None):
             for depth in sizes["part1_depths"]:
                 report.run(f"throughput d{depth}", measure_training, report, depth, sizes)
             run_stages(report, sizes, base_dir)
-        else:
-            for depth in sizes["part2_depths"]:
-                report.run(f"throughput d{depth}", measure_training, report, depth, sizes)
+        else:  # the cheap items first (no compilation), then by value
+            report.run("memory model grid", measure_memory_grid, report, sizes)
             report.run(f"decode d{sizes['decode_depth']}", measure_decode, report, sizes)
             report.run("SDPA backends", measure_sdpa, report, sizes)
+            for depth in sizes["part2_depths"]:
+                report.run(f"throughput d{depth}", measure_training, report, depth, sizes)
             for depth in sizes["fp8_depths"]:
                 report.run(f"bf16 vs fp8 d{depth}", measure_fp8, report, sizes, depth)
-            report.run("memory model grid", measure_memory_grid, report, sizes)
             report.run("torch.compile max-autotune", measure_autotune, report, sizes)
         report.write()
         print(to_markdown(report.data))

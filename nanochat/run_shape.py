@@ -298,8 +298,8 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
             the memory model, predict_peak_memory); None: read it, and `unified`, from GPU 0
             (common.gpu_memory_bytes) when device_type is "cuda".
         unified: the GPU shares the system's memory (GB10): a smaller, stated budget (memory_budget).
-        compile: base_train torch.compiles the model (None: training.should_compile's default, on
-            for CUDA), which changes the activation memory.
+        compile: base_train torch.compiles the model (None: training.should_compile's default: on
+            for CUDA unless NANOCHAT_COMPILE=0), which changes the activation memory.
         flags: base_train's shape flags by their argparse names, None = not given: depth,
             vocab_size, max_seq_len, device_batch_size, total_batch_size, num_iterations,
             target_flops, target_param_data_ratio, eval_every, eval_tokens, sample_every,
@@ -328,7 +328,9 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     # the device batch: the user's, else the preset's, else what the memory model fits in the GPU
     # (CPU: a small one)
     bf16 = device_type == "cuda"
-    compile = device_type == "cuda" if compile is None else compile
+    if compile is None:
+        from nanochat.training import should_compile
+        compile = should_compile(None, device_type)
     budget = None
     if device_type == "cuda":
         if gpu_memory_gib is None:

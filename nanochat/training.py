@@ -280,10 +280,11 @@ class ProgressMeter:
 
 
 def halve_device_batch(script, step, device_batch_size, grad_accum_steps, world_size):
-    """After a CUDA out-of-memory error in optimizer step `step`: (device_batch_size // 2,
-    2 x grad_accum_steps), the same tokens per optimizer step in smaller passes, so the
-    optimisation stays the same. The caller frees the step's tensors and reloads its last
-    checkpoint (the failed step's gradients are partial).
+    """After a CUDA out-of-memory error in optimizer step `step`: a smaller device batch and more
+    accumulation steps with the same tokens per optimizer step, so the optimisation stays the
+    same: (d, grad_accum_steps * device_batch_size // d) for d the largest divisor of
+    device_batch_size up to half of it (half for even sizes; 12 -> 6 -> 3 -> 1). The caller frees
+    the step's tensors and goes back to its last checkpoint (the failed step's gradients are partial).
 
     Raises:
         SystemExit: device_batch_size is already 1, or several processes run (one rank cannot
@@ -295,10 +296,11 @@ def halve_device_batch(script, step, device_batch_size, grad_accum_steps, world_
     if device_batch_size == 1:
         sys.exit(f"{script}: out of GPU memory at step {step + 1} even with --device-batch-size 1; pick a smaller "
                  "--depth or --max-seq-len (validate_env.py prints the predicted memory)")
+    smaller = max(d for d in range(1, device_batch_size // 2 + 1) if device_batch_size % d == 0)
+    accumulation = grad_accum_steps * (device_batch_size // smaller)
     print0(f"{script}: out of GPU memory at step {step + 1} with --device-batch-size {device_batch_size}; going on "
-           f"with {device_batch_size // 2} and {2 * grad_accum_steps} accumulation steps (the same tokens per step) "
-           "from the last checkpoint")
-    return device_batch_size // 2, 2 * grad_accum_steps
+           f"with {smaller} and {accumulation} accumulation steps (the same tokens per step) from the last checkpoint")
+    return smaller, accumulation
 
 
 # -----------------------------------------------------------------------------

@@ -102,7 +102,8 @@ vocab_size = tokenizer.get_vocab_size()
 
 # The run's shape: model size, batch, horizon, evaluation budget (exactly what scripts.plan printed)
 try:
-    shape = run_shape(args.preset, device.type, world_size, vocab_size=vocab_size, **shape_flags(args))
+    shape = run_shape(args.preset, device.type, world_size, compile=stage.use_compile, vocab_size=vocab_size,
+                      **shape_flags(args))
 except RunShapeError as e:
     sys.exit(f"base_train: {e}")
 user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
@@ -291,7 +292,10 @@ while True:
     try:
         train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
                                 get_muon_momentum(step), args.grad_clip)
+        out_of_memory = False
     except torch.OutOfMemoryError:
+        out_of_memory = True  # handled below, once the exception's traceback no longer holds the activations
+    if out_of_memory:
         # Not a crash: half the device batch, twice the accumulation, from the last checkpoint
         # (this step's gradients are partial). torch.compile recompiles once for the new shape.
         orig_model.zero_grad(set_to_none=True)
@@ -301,7 +305,7 @@ while True:
                                                                  grad_accum_steps, world_size)
         user_config["device_batch_size"] = device_batch_size
         step, loader_state = go_back_after_out_of_memory()
-        start_step = step  # nothing new to save at the step it goes back to
+        start_step = meter.start_step = step  # nothing new to save there; the recompile is not steady state
         train_batches = build_train_loader(loader_state)
         continue
     stage.synchronize()

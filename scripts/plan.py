@@ -47,6 +47,7 @@ for name, default in GPU_DEFAULTS.items():
         shape_parser.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(default, float) else int,
                                   default=None)
 extra_args = args.extra_args[1:] if args.extra_args[:1] == ["--"] else args.extra_args
+shape_parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)  # activation memory
 extra, _ = shape_parser.parse_known_args(extra_args)
 flags = {k: v for k, v in shape_flags(extra).items() if v is not None}
 flags.setdefault("depth", args.depth)
@@ -64,7 +65,7 @@ if preset_data and data not in ("auto", preset_data):
     sys.exit(f"plan: --{args.preset} builds its data on this machine; it cannot run with --data {data} "
              f"(drop --{args.preset} for a {data} run)")
 try:
-    shape = run_shape(args.preset, device_type, world_size=args.nproc, **flags)
+    shape = run_shape(args.preset, device_type, world_size=args.nproc, compile=extra.compile, **flags)
 except RunShapeError as e:
     sys.exit(f"plan: {e}")
 if data == "auto":

@@ -73,3 +73,12 @@ def test_out_of_memory_at_batch_one_stops_with_advice(tmp_path):
                           timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "even with --device-batch-size 1; pick a smaller --depth or --max-seq-len" in proc.stderr
+
+
+def test_halving_keeps_the_tokens_per_step_for_any_batch_size():
+    from nanochat.training import halve_device_batch
+    for batch, accumulation in ((32, 1), (12, 2), (6, 4), (3, 8), (7, 1)):
+        smaller, more = halve_device_batch("base_train", 0, batch, accumulation, 1)
+        assert smaller <= batch // 2 and smaller * more == batch * accumulation
+    assert halve_device_batch("base_train", 0, 12, 2, 1) == (6, 4)
+    assert halve_device_batch("base_train", 0, 3, 8, 1) == (1, 24)
