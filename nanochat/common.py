@@ -108,8 +108,11 @@ def compute_init(device_type=None):
 
 
 def compute_cleanup():
-    """Tear down torch.distributed if compute_init started it."""
+    """Tear down torch.distributed if compute_init started it, after a barrier: a rank that tears
+    its process group down while another is still finishing the last collective can abort
+    ("terminate called without an active exception", seen once with gloo on a loaded CPU)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
