@@ -117,8 +117,10 @@ def compute_cleanup():
 
 
 # bf16 dense peak FLOP/s (no sparsity) from the vendors' datasheets. Matched by substring of
-# torch.cuda.get_device_name(), most specific first. GB10 is an estimate (NVIDIA publishes
-# 1 PFLOP FP4 sparse; ~125e12 dense bf16 is the figure the DGX Spark community uses).
+# torch.cuda.get_device_name(), most specific first. GB10 (DGX Spark) is derived: NVIDIA publishes
+# only "1 PFLOP FP4 with sparsity"; dense halves it (500 TFLOP/s FP4), and each doubling of the
+# operand width halves the tensor-core rate on Blackwell (250 FP8, 125 bf16), so 125e12, the
+# figure DGX Spark users quote too. The device check's MFU on a GB10 will say if it is off.
 GPU_PEAK_FLOPS_BF16 = [
     ("H200", 989e12),
     ("H100 NVL", 835e12),
