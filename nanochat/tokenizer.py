@@ -46,11 +46,38 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 N_BYTE_TOKENS = 256  # byte-level BPE: ranks 0..255 are the single bytes, merges come after
 
 
+class _EncodingState:
+    """Stands in for tiktoken.core.Encoding while unpickling: keeps the state dict that
+    Encoding.__getstate__ wrote (name, pat_str, mergeable_ranks, special_tokens) and runs nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles builtins only (dict, list, tuple, str, bytes, int): a tokenizer file is data."""
+    """Unpickles builtins (dict, list, tuple, str, bytes, int) and, as plain data, the one class
+    that published nanochat checkpoints pickle their tokenizer as, a tiktoken.Encoding (read into
+    an _EncodingState: its state is data too). Any other class is refused, so a tokenizer.pkl
+    downloaded from the internet cannot run code."""
 
     def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
         raise pickle.UnpicklingError(f"tokenizer.pkl may only hold plain data, but it references {module}.{name}")
+
+
+def _from_tiktoken_state(state, path):
+    """The data of save()'s format from a pickled tiktoken.Encoding's state (upstream nanochat's
+    tokenizer.pkl). Raises ValueError when it is not a nanochat tokenizer: a registered encoding
+    pickled by name, other special tokens, or special ids that do not follow the merges."""
+    if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= state.keys():
+        raise ValueError(f"{path} holds a tiktoken encoding ({state!r:.60}) that is not a nanochat tokenizer")
+    specials = sorted(state["special_tokens"].items(), key=lambda item: item[1])
+    n = len(state["mergeable_ranks"])
+    if [name for name, _ in specials] != SPECIAL_TOKENS or [i for _, i in specials] != list(range(n, n + len(specials))):
+        raise ValueError(f"{path} is a tiktoken encoding with special tokens {dict(specials)}, not nanochat's "
+                         f"{SPECIAL_TOKENS} right after the {n} merges")
+    return {"pattern": state["pat_str"], "mergeable_ranks": state["mergeable_ranks"], "special_tokens": SPECIAL_TOKENS}
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +136,8 @@ class RustBPETokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        """Load the tokenizer that save() wrote to `tokenizer_dir`.
+        """Load the tokenizer that save() wrote to `tokenizer_dir`, or the tokenizer.pkl of a
+        published upstream nanochat checkpoint (a pickled tiktoken.Encoding, read as data only).
 
         Raises:
             FileNotFoundError: no tokenizer.pkl in the directory.
@@ -123,6 +151,8 @@ class RustBPETokenizer:
                 data = _PlainDataUnpickler(f).load()
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
                 raise ValueError(f"{path} is not a nanochat tokenizer file ({e}); re-run `python -m scripts.tok_train`") from e
+        if isinstance(data, _EncodingState):  # upstream nanochat's format: a pickled tiktoken.Encoding
+            data = _from_tiktoken_state(data.state, path)
         if not isinstance(data, dict) or not {"pattern", "mergeable_ranks", "special_tokens"} <= data.keys():
             raise ValueError(f"{path} is not a nanochat tokenizer file; re-run `python -m scripts.tok_train`")
         return cls(dict(data["mergeable_ranks"]), data["pattern"], data["special_tokens"])

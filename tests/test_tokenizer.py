@@ -354,3 +354,38 @@ def test_tok_eval_without_tokenizer_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "run `python -m scripts.tok_train` first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_upstream_tiktoken_pickle_loads_as_data(tokenizer, tmp_path):
+    """Published nanochat checkpoints ship tokenizer.pkl as a pickled tiktoken.Encoding: it loads
+    (the same ids as ours), without running tiktoken's code or anything else in the pickle."""
+    import tiktoken
+    upstream = tiktoken.Encoding(name="rustbpe", pat_str=tokenizer.pattern, mergeable_ranks=tokenizer.mergeable_ranks,
+                                 special_tokens=tokenizer.special_tokens)
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(upstream, f)
+    loaded = RustBPETokenizer.from_directory(str(tmp_path))
+    assert loaded.content_hash() == tokenizer.content_hash()
+    text = "Hello world, 12345 <|bos|> tokens!"
+    assert loaded.encode(text, prepend="<|bos|>") == tokenizer.encode(text, prepend="<|bos|>")
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(ValueError, match=r"references (posix|os)\.system"):
+        RustBPETokenizer.from_directory(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_tiktoken_pickle_of_another_tokenizer_is_refused(tmp_path):
+    import tiktoken
+    other = tiktoken.Encoding(name="x", pat_str=r"\w+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                              special_tokens={"<|endoftext|>": 256})
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(other, f)
+    with pytest.raises(ValueError, match="not nanochat's"):
+        RustBPETokenizer.from_directory(str(tmp_path))
