@@ -42,6 +42,9 @@ GENERATION_DEFAULTS = dict(temperature=0.6, top_k=50)
 # as render_conversation does (without): <|bos|>, a first system message folded into the first
 # user message with a blank line, then user and assistant turns, assistant parts of type python
 # and python_output wrapped in their tool tokens. Content is a str or a list of {"type", "text"}.
+# Two differences no string template can avoid: ours encodes each assistant part on its own, the
+# template one string (two adjacent text parts may tokenize differently), and a special token's
+# string typed inside content ("<|bos|>") is text to us but the special token to transformers.
 CHAT_TEMPLATE = (
     "{%- macro text_of(content) -%}"
     "{%- if content is string -%}{{ content }}{%- else -%}"
@@ -169,7 +172,8 @@ def build_hf_tokenizer(tokenizer):
     ranks = tokenizer.mergeable_ranks
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in recover_merges(ranks)]
-    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False, byte_fallback=False))
+    # ignore_merges: a split piece that is itself in the vocabulary is one token, as in tiktoken
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, byte_fallback=False))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -220,3 +224,104 @@ def export_model(model_config, state_dict, tokenizer, out_dir, dtype="bfloat16")
         "do_sample": True, **GENERATION_DEFAULTS,
     }, indent=2) + "\n")
     return written
+
+
+# -----------------------------------------------------------------------------
+# Import: a published checkpoint in any of its three layouts -> this project's format
+
+class ImportError_(ValueError):
+    """A folder that cannot be imported; the message says what is wrong, in one line."""
+
+
+def detect_layout(files):
+    """The layout of a checkpoint folder from its file list (paths relative to it, "/"-separated):
+    "root" (model_<step>.pt, meta_<step>.json and tokenizer.pkl side by side, e.g.
+    karpathy/nanochat-d32), "base_dir" (tokenizer/ and <stage>_checkpoints/<tag>/ as this project
+    writes them), or "transformers" (config.json, model.safetensors, tokenizer.json).
+
+    Raises:
+        ImportError_: none of them.
+    """
+    names = set(files)
+    if {"config.json", "model.safetensors", "tokenizer.json"} <= names:
+        return "transformers"
+    if "tokenizer/tokenizer.pkl" in names and any("_checkpoints/" in f and f.endswith(".pt") for f in names):
+        return "base_dir"
+    if "tokenizer.pkl" in names and any(f.startswith("model_") and f.endswith(".pt") and "/" not in f for f in names):
+        return "root"
+    raise ImportError_("not a nanochat checkpoint: expected model_<step>.pt + meta_<step>.json + tokenizer.pkl, a "
+                       "base dir (tokenizer/, base_checkpoints/<tag>/...), or a transformers export (config.json, "
+                       f"model.safetensors, tokenizer.json); found {', '.join(sorted(names)[:8]) or 'no files'}")
+
+
+def check_state_dict(state_dict, model_config):
+    """Every tensor's name and shape against the GPT that model_config builds (on the meta device).
+
+    Raises:
+        ImportError_: a key of a newer upstream architecture, a missing key or a shape mismatch, named.
+    """
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**model_config)).state_dict().items()}
+    got = {k.removeprefix("_orig_mod."): tuple(v.shape) for k, v in state_dict.items()}
+    unknown = sorted(set(got) - set(expected))
+    if unknown:
+        raise ImportError_(f"the checkpoint holds {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}, which "
+                           "this project's GPT does not have: it comes from a newer upstream nanochat architecture "
+                           "(value embeddings, per-layer scalars: upstream from January 2026 on); use upstream's "
+                           "code for it, or a checkpoint of the late-2025 architecture")
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ImportError_(f"the checkpoint lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for key, shape in expected.items():
+        if got[key] != shape:
+            raise ImportError_(f"{key} has shape {list(got[key])} but the meta's model_config {model_config} needs "
+                               f"{list(shape)}")
+
+
+def native_from_transformers(folder):
+    """(model_config dict, our state dict, RustBPETokenizer) from a transformers export of a
+    NanoChat model (what export_model writes, or transformers' own converter).
+
+    Raises:
+        ImportError_: not a NanoChat model, or a tokenizer that is not byte-level BPE with our special tokens.
+    """
+    from safetensors.torch import load_file
+    from nanochat.gpt import padded_vocab_size
+    from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != "nanochat":
+        raise ImportError_(f"config.json is a {config.get('model_type')!r} model, not 'nanochat'")
+    model_config = dict(sequence_len=config["max_position_embeddings"], vocab_size=config["vocab_size"],
+                        n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
+                        n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
+                        n_embd=config["hidden_size"])
+    try:
+        tensors = load_file(os.path.join(folder, "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ImportError_(f"model.safetensors cannot be read ({str(e).splitlines()[0]})") from None
+    inverse = {v: k for k, v in LAYER_KEYS.items()}
+    V, padded = config["vocab_size"], padded_vocab_size(config["vocab_size"])
+    state = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.float()
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows = torch.zeros(padded - V, tensor.size(1))
+            state["transformer.wte.weight" if key.startswith("model.") else "lm_head.weight"] = torch.cat([tensor, rows])
+        elif key.startswith("model.layers.") and key.split(".", 3)[3] in inverse:
+            state[f"transformer.h.{key.split('.')[2]}.{inverse[key.split('.', 3)[3]]}"] = tensor
+        else:
+            state[key] = tensor  # check_state_dict names it
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    try:
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        ranks = {bytes(to_byte[c] for c in token): rank for token, rank in spec["model"]["vocab"].items()}
+        pattern = next(p["pattern"]["Regex"] for p in spec["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
+        specials = [t["content"] for t in sorted(spec["added_tokens"], key=lambda t: t["id"])]
+        tokenizer = RustBPETokenizer(ranks, pattern, specials)
+    except (KeyError, TypeError, StopIteration, ValueError) as e:
+        raise ImportError_(f"tokenizer.json is not a byte-level BPE tokenizer with nanochat's special tokens "
+                           f"{SPECIAL_TOKENS} ({type(e).__name__}: {e})") from None
+    return model_config, state, tokenizer

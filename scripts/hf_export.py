@@ -11,8 +11,9 @@ Then, anywhere transformers is installed:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(folder); tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                        return_tensors="pt")
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt")
+    reply = model.generate(**inputs, max_new_tokens=100)
 """
 
 import os

@@ -136,3 +136,99 @@ def test_shell_wrapper_exports_to_a_folder_relative_to_where_it_runs(chat_base_d
                           env=dict(os.environ, NANOCHAT_BASE_DIR=str(chat_base_dir)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "mine" / "model.safetensors").is_file() and "(float32)" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# Import: three layouts in, every damaged one refused with the base dir unchanged
+
+def run_import(base_dir, *args):
+    return subprocess.run([sys.executable, "-m", "scripts.hf_import", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir)))
+
+
+def write_root_layout(folder, model, tokenizer, step=5, extra_keys=None):
+    """Upstream's published layout: model/meta side by side, the tokenizer as a pickled tiktoken.Encoding."""
+    import json
+    import pickle
+
+    import tiktoken
+    folder.mkdir(parents=True)
+    torch.save({**model.state_dict(), **(extra_keys or {})}, folder / f"model_{step:06d}.pt")
+    (folder / f"meta_{step:06d}.json").write_text(json.dumps({"model_config": model.config.__dict__, "step": step}))
+    with open(folder / "tokenizer.pkl", "wb") as f:
+        pickle.dump(tiktoken.Encoding(name="rustbpe", pat_str=tokenizer.pattern, mergeable_ranks=tokenizer.mergeable_ranks,
+                                      special_tokens=tokenizer.special_tokens), f)
+    return folder
+
+
+def imported_logits(base_dir, stage, ids):
+    code = ("import sys, torch; from nanochat.checkpoint_manager import load_model; "
+            f"m, t, _ = load_model('{stage}', torch.device('cpu'), 'eval'); "
+            f"torch.save(m(torch.tensor([{ids}])), sys.argv[1])")
+    out = base_dir / "logits.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir)))
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(out)
+
+
+def test_import_all_three_layouts(exported, tmp_path):
+    from nanochat.checkpoint_manager import save_checkpoint
+    model, tokenizer, _, _, hf_folder = exported
+    ids = tokenizer.encode("The cat sat on 12 mats.", prepend="<|bos|>")
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))
+    nested = tmp_path / "nested"
+    tokenizer.save(str(nested / "tokenizer"))
+    save_checkpoint(str(nested / "mid_checkpoints" / "d2"), 7, model.state_dict(), None,
+                    {"model_config": model.config.__dict__})
+    layouts = [("root", write_root_layout(tmp_path / "root", model, tokenizer), ["--stage", "base"], "base"),
+               ("base_dir", nested, [], "mid"),  # the stage comes from the folder
+               ("transformers", hf_folder, ["--stage", "sft"], "sft")]
+    for layout, folder, flags, stage in layouts:
+        base_dir = tmp_path / f"into_{layout}"
+        proc = run_import(base_dir, folder, *flags)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"({layout} layout" in proc.stdout and f"as the {stage} checkpoint" in proc.stdout
+        assert (imported_logits(base_dir, stage, ids) - expected).abs().max().item() < 1e-5
+
+
+def test_damaged_imports_are_refused_and_change_nothing(exported, tmp_path):
+    model, tokenizer, _, _, _ = exported
+    good = write_root_layout(tmp_path / "good", model, tokenizer)
+    truncated = write_root_layout(tmp_path / "truncated", model, tokenizer)
+    data = (truncated / "model_000005.pt").read_bytes()
+    (truncated / "model_000005.pt").write_bytes(data[:len(data) // 2])
+    reshaped = write_root_layout(tmp_path / "reshaped", model, tokenizer)
+    meta = (reshaped / "meta_000005.json").read_text().replace('"n_embd": 128', '"n_embd": 192')
+    (reshaped / "meta_000005.json").write_text(meta)
+    no_tokenizer = write_root_layout(tmp_path / "no_tokenizer", model, tokenizer)
+    (no_tokenizer / "tokenizer.pkl").unlink()
+    newer = write_root_layout(tmp_path / "newer", model, tokenizer,
+                              extra_keys={"value_embeds.0.weight": torch.zeros(4, 128)})
+    cases = [(truncated, "model_000005.pt cannot be read"), (no_tokenizer, "not a nanochat checkpoint"),
+             (newer, "value_embeds.0.weight, which this project's GPT does not have"), (good, "say which stage")]
+    base_dir = tmp_path / "base"
+    for folder, message in cases:
+        proc = run_import(base_dir, folder)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not base_dir.exists()  # nothing written
+    proc = run_import(base_dir, reshaped, "--stage", "base")
+    assert proc.returncode != 0 and "has shape" in proc.stderr and not base_dir.exists()
+    # a different tokenizer already there is never replaced silently
+    other = RustBPETokenizer.train_from_iterator(iter(TEXTS[:1] * 10), 300)
+    other.save(str(base_dir / "tokenizer"))
+    proc = run_import(base_dir, good, "--stage", "base")
+    assert proc.returncode != 0 and "holds another tokenizer" in proc.stderr
+    assert sorted(p.name for p in base_dir.iterdir()) == ["tokenizer"]
+    assert run_import(base_dir, good, "--stage", "base", "--replace-tokenizer").returncode == 0
+
+
+def test_import_from_an_unreachable_hub_says_what_to_do(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scripts.hf_import", "someone/nanochat-d99", "--stage", "base"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), HF_HUB_OFFLINE="1"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cannot download someone/nanochat-d99 from the Hugging Face Hub" in proc.stderr
+    assert "download it yourself and pass the folder" in proc.stderr and not (tmp_path / "base").exists()
