@@ -243,10 +243,11 @@ def detect_layout(files):
         ImportError_: none of them.
     """
     names = set(files)
-    if {"config.json", "model.safetensors", "tokenizer.json"} <= names:
-        return "transformers"
+    # native files first: an uploaded repo (scripts/hf_upload.py) holds both, and they are exact
     if "tokenizer/tokenizer.pkl" in names and any("_checkpoints/" in f and f.endswith(".pt") for f in names):
         return "base_dir"
+    if {"config.json", "model.safetensors", "tokenizer.json"} <= names:
+        return "transformers"
     if "tokenizer.pkl" in names and any(f.startswith("model_") and f.endswith(".pt") and "/" not in f for f in names):
         return "root"
     raise ImportError_("not a nanochat checkpoint: expected model_<step>.pt + meta_<step>.json + tokenizer.pkl, a "

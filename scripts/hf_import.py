@@ -28,7 +28,7 @@ from nanochat.tokenizer import RustBPETokenizer
 
 parser = ArgumentParser(description="Import a published nanochat checkpoint into the base dir")
 parser.add_argument("source", help="a Hugging Face repo id (owner/name) or a local folder")
-parser.add_argument("--stage", default=None, choices=[s for s in STAGE_DIRS if s != "rl"],
+parser.add_argument("--stage", default=None, choices=list(STAGE_DIRS),
                     help="place it as this stage's checkpoint (default: the base dir layout's own; required otherwise)")
 parser.add_argument("--model-tag", default=None, help="default: d<n_layer>")
 parser.add_argument("--step", type=int, default=None, help="which step when the folder has several (default: the last)")
@@ -83,7 +83,7 @@ try:
             stage_of = {dirname: name for name, (dirname, _) in STAGE_DIRS.items()}
             if stage is None:
                 stages = {stage_of.get(c.split("/")[0]) for c in candidates}
-                stage = next(s for s in ("sft", "mid", "base") if s in stages)  # the most advanced one
+                stage = next(s for s in ("rl", "sft", "mid", "base") if s in stages)  # the most advanced one
             candidates = [c for c in candidates if c.split("/")[0] == STAGE_DIRS[stage][0]]
             if not candidates:
                 fail(f"{folder} has no {STAGE_DIRS[stage][0]}/ checkpoints")
@@ -117,7 +117,7 @@ try:
         fail(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model was built for "
              f"{model_config['vocab_size']}: they do not belong together")
     if stage is None:
-        fail(f"say which stage this checkpoint is (--stage {'|'.join(s for s in STAGE_DIRS if s != 'rl')}): "
+        fail(f"say which stage this checkpoint is (--stage {'|'.join(STAGE_DIRS)}): "
              "base for a pretrained model, mid or sft for a chat model")
 except (ImportError_, ValueError) as e:
     fail(str(e))
@@ -146,4 +146,4 @@ save_checkpoint(target, step, {k.removeprefix("_orig_mod."): v for k, v in state
 print(f"imported {args.source} ({layout} layout, step {step}, d{model_config['n_layer']}, vocab "
       f"{model_config['vocab_size']}) as the {stage} checkpoint {target}")
 print("next: " + {"base": f"bash midtrain.sh --depth {model_config['n_layer']}",
-                  "mid": f"bash sft.sh --depth {model_config['n_layer']}", "sft": "./chat.sh"}[stage])
+                  "mid": f"bash sft.sh --depth {model_config['n_layer']}", "sft": "./chat.sh", "rl": "./chat.sh"}[stage])

@@ -232,3 +232,25 @@ def test_import_from_an_unreachable_hub_says_what_to_do(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cannot download someone/nanochat-d99 from the Hugging Face Hub" in proc.stderr
     assert "download it yourself and pass the folder" in proc.stderr and not (tmp_path / "base").exists()
+
+
+# -----------------------------------------------------------------------------
+# Upload: the staged repo, its card, and what happens without a token
+
+def test_upload_dry_run_stages_a_repo_that_imports_back(chat_base_dir, tmp_path):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(chat_base_dir))
+    proc = subprocess.run([sys.executable, "-m", "scripts.hf_upload", "--source", "sft", "--model-tag", "d1",
+                           "--repo-id", "someone/nanochat-d1", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "tokenizer/tokenizer.pkl",
+                 "chatsft_checkpoints/d1/model_000000.pt"):
+        assert f"  {name}  " in proc.stdout
+    assert "library_name: transformers" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
+    staged = chat_base_dir / "hf_upload" / "d1-sft-0"
+    imported = run_import(tmp_path / "base", staged)  # the native files win over the export: exact
+    assert imported.returncode == 0 and "(base_dir layout, step 0" in imported.stdout and "sft checkpoint" in imported.stdout
+    no_token = subprocess.run([sys.executable, "-m", "scripts.hf_upload", "--source", "sft", "--model-tag", "d1",
+                               "--repo-id", "someone/nanochat-d1"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env=dict(env, HF_TOKEN="", HF_HOME=str(tmp_path / "hf_home")))
+    assert no_token.returncode != 0 and "huggingface-cli login" in no_token.stderr and "Traceback" not in no_token.stderr
