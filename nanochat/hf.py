@@ -195,7 +195,7 @@ def export_model(model_config, state_dict, tokenizer, out_dir, dtype="bfloat16")
         ExportError: the architecture cannot be represented (see hf_state_dict).
         ImportError: safetensors or tokenizers is missing.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     tensors = hf_state_dict(state_dict, model_config, getattr(torch, dtype))
@@ -206,10 +206,7 @@ def export_model(model_config, state_dict, tokenizer, out_dir, dtype="bfloat16")
         atomic_write(os.path.join(out_dir, name), text)
         written.append(name)
 
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    written.append("model.safetensors")
+    write("model.safetensors", save(tensors, metadata={"format": "pt"}))
     write("config.json", json.dumps(hf_config(model_config, tokenizer, dtype), indent=2) + "\n")
     write("tokenizer.json", build_hf_tokenizer(tokenizer).to_str(pretty=False))
     bos, assistant_end = "<|bos|>", "<|assistant_end|>"
