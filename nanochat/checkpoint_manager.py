@@ -302,7 +302,7 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
     if saved_world != world_size:
         raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and this "
                          f"run has {world_size}; resume with --nproc_per_node={saved_world}")
-    if meta["model_config"] != model.config.__dict__:
+    if GPTConfig(**meta["model_config"]) != model.config:  # a checkpoint from before GPTConfig.arch is "classic"
         raise ValueError(f"the checkpoint {checkpoint_dir} step {step} holds a {meta['model_config']} model, but this "
                          f"run builds {model.config.__dict__}; use the flags of the original run")
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)

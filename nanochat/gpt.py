@@ -6,6 +6,15 @@ Features: rotary position embedding (no learned positions), QK-norm, parameter-f
 ReLU² MLP, no biases, untied embedding/lm_head, fp32 logit softcap, grouped-query attention,
 and an optional KV cache (nanochat.engine.KVCache) for inference.
 
+Two architectures (GPTConfig.arch, recorded in every checkpoint's model_config):
+- "classic": upstream nanochat as of Nov 2025; transformers' NanoChat implements exactly this.
+- "modern": upstream's Jan 2026 additions (dev/LOG.md 2026-01-11 and 2026-01-17): learnable
+  per-layer scalars on the residual stream, x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before
+  block i (x0: the normed embedding; modded-nanogpt), and gated value embeddings on alternating
+  layers (the last included): v += 3 * sigmoid(W_gate x[:12]) * ve[token] per kv head (ResFormer,
+  Zhou et al. 2024, https://arxiv.org/abs/2410.17897). Both are per-token and elementwise, so
+  KV-cache decoding needs nothing new.
+
 Not for: sampling loops and the KV cache itself (engine.py), the optimizers' maths (muon.py,
 adamw.py), mixed-precision policy (the caller wraps forward in torch.autocast).
 """
@@ -30,9 +39,14 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when < n_head); must divide n_head
     n_embd: int = 768
+    arch: str = "classic"  # "classic" or "modern" (see the module docstring)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown --arch {self.arch!r}; pick one of {', '.join(ARCHS)}")
 
     @classmethod
-    def from_depth(cls, depth, vocab_size=65536, sequence_len=2048):
+    def from_depth(cls, depth, vocab_size=65536, sequence_len=2048, arch="classic"):
         """The single "depth dial": width and heads derived from the number of layers.
 
         n_embd = 64 * depth and n_head = ceil(n_embd / 128), i.e. head_dim 128 for every even
@@ -50,7 +64,17 @@ class GPTConfig:
         while n_embd % n_head != 0:
             n_head += 1
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+                   n_head=n_head, n_kv_head=n_head, n_embd=n_embd, arch=arch)
+
+
+ARCHS = ("classic", "modern")
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of x (upstream nanochat)
+
+
+def has_value_embedding(layer_idx, n_layer):
+    """Whether layer layer_idx of a "modern" model has a value embedding: alternating layers,
+    the last one always included (upstream measured alternating best, dev/LOG.md 2026-01-17)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
 
 
 def padded_vocab_size(vocab_size, multiple=64):
@@ -114,12 +138,18 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.ve_gate = None
+        if config.arch == "modern" and has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache):
+    def forward(self, x, ve, cos_sin, kv_cache):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding, gated per kv head with a gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         # QK-norm bounds the attention logits so no layer can blow up its softmax
@@ -165,8 +195,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, ve, cos_sin, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
 
@@ -193,6 +223,13 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        if config.arch == "modern":
+            self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+            self.value_embeds = nn.ModuleDict({
+                str(i): nn.Embedding(self.padded_vocab_size, kv_dim, _weight=torch.empty(self.padded_vocab_size, kv_dim))
+                for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
         # 10x the training context so chat/inference can run past it without a resize
         self.rotary_seq_len = config.sequence_len * 10
         # Filled by init_weights (arithmetic on the meta device also costs those imports).
@@ -223,6 +260,10 @@ class GPT(nn.Module):
           Uniform rather than normal because it has no tails, at the same variance.
         - attention c_proj and mlp c_proj: zero, so every block starts as the identity and the
           residual stream is just the embedding at step 0.
+        - "modern" only (upstream nanochat's values): resid_lambdas from 1.15 at the first layer
+          down to 1.05 at the last, x0_lambdas from 0.20 down to 0.05; value embeddings like c_v
+          (uniform, std 1/sqrt(n_embd)); the value-embedding gates uniform(0, 0.02), so they start
+          near 3 * sigmoid(0) = 1.5.
         """
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -232,57 +273,93 @@ class GPT(nn.Module):
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if self.config.arch == "modern":
+            depth_frac = torch.linspace(0, 1, self.config.n_layer) if self.config.n_layer > 1 else torch.zeros(1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+            bound = math.sqrt(3.0 / self.config.n_embd)
+            for ve in self.value_embeds.values():
+                nn.init.uniform_(ve.weight, -bound, bound)
         self.cos, self.sin = self._precompute_rotary(self.rotary_seq_len, device=self.lm_head.weight.device)
 
     def num_scaling_params(self):
-        """Number of parameters N, counting all of them: wte, lm_head (padded rows included) and
-        the block matrices. This is upstream nanochat's N for "tokens = 20 x N" (Chinchilla).
+        """Number of parameters N, counting all of them: wte, lm_head (padded rows included), the
+        block matrices and, in a "modern" model, the value embeddings and scalars. This is upstream
+        nanochat's Nov-2025 N for "tokens = 20 x N" (Chinchilla).
         """
         return sum(p.numel() for p in self.parameters())
+
+    def num_matmul_params(self):
+        """Parameters that multiply the token stream (every nn.Linear weight: the block matrices,
+        the value-embedding gates and lm_head), 2 forward FLOPs each per token. Embedding tables
+        (wte, value embeddings) are lookups and the per-layer scalars are elementwise, so neither
+        counts. This is also upstream's Jan-2026 N for its tokens-per-parameter ratio: "Kaplan
+        style", the count whose compute-optimal ratio stayed constant across 1e18-1e19 FLOPs
+        (dev/LOG.md 2026-01-27).
+        """
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def estimate_flops(self):
         """Training FLOPs per token (forward + backward) at sequence_len.
 
-        6 * (all params except wte) for the matmuls (2 forward + 4 backward per weight per
-        token; the embedding is a lookup, lm_head is a matmul and counts), plus attention's
-        12 * n_layer * n_head * head_dim * sequence_len (QK^T and AV, 2 FLOPs per MAC, x3 for
-        backward). Kaplan et al. 2020 (https://arxiv.org/abs/2001.08361) section 2.1; PaLM
-        (https://arxiv.org/abs/2204.02311) appendix B. Causal masking is not discounted.
+        6 * num_matmul_params() for the matmuls (2 forward + 4 backward per weight per token),
+        plus attention's 12 * n_layer * n_head * head_dim * sequence_len (QK^T and AV, 2 FLOPs per
+        MAC, x3 for backward). Kaplan et al. 2020 (https://arxiv.org/abs/2001.08361) section 2.1;
+        PaLM (https://arxiv.org/abs/2204.02311) appendix B. Causal masking is not discounted.
         """
-        n_params = sum(p.numel() for p in self.parameters()) - self.transformer.wte.weight.numel()
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
-        return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        return 6 * self.num_matmul_params() + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95), lr_scale=1.0):
-        """Return [adamw, muon]: AdamW on wte and lm_head, Muon on every 2-D block matrix.
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
+                         weight_decay=0.0, adam_betas=(0.8, 0.95), embedding_betas=None, x0_beta1=None,
+                         lr_scale=1.0, **muon_options):
+        """Return [adamw, muon]: AdamW on wte, lm_head (and a "modern" model's value embeddings and
+        per-layer scalars), Muon on every 2-D block matrix.
 
-        The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
+        The embedding/lm_head learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width
+        768). Value embeddings take half the embedding lr; resid_lambdas take scalar_lr / 100 (a
+        multiplier compounds through the layers) and x0_lambdas scalar_lr (upstream nanochat,
+        dev/LOG.md 2026-01-11). adam_betas are lm_head's, embedding_betas the embeddings' (default:
+        adam_betas) and x0_beta1 the x0 scalars' beta1 (default: adam_betas'). weight_decay is
+        Muon's cautious weight decay; muon_options go to Muon (orthogonalizer, normuon_beta2, ...).
         lr_scale multiplies every learning rate (the chat stages start from a fraction of the
         pretraining LRs). Every param group gets "initial_lr" = its lr, so an LR schedule sets
         group["lr"] = group["initial_lr"] * multiplier. With torch.distributed initialised and
         world_size > 1 the ZeRO-style DistAdamW/DistMuon are returned: they average gradients
         across ranks inside step(), so the model must not be wrapped in DDP.
         """
-        matrix_params = list(self.transformer.h.parameters())
+        matrix_params = [p for p in self.transformer.h.parameters()]
         embedding_params = list(self.transformer.wte.parameters())
         lm_head_params = list(self.lm_head.parameters())
-        assert len(matrix_params) + len(embedding_params) + len(lm_head_params) == len(list(self.parameters()))
         scale = (self.config.n_embd / 768) ** -0.5
+        embedding_betas = embedding_betas or adam_betas
         adam_groups = [
-            dict(params=lm_head_params, lr=unembedding_lr * scale),
-            dict(params=embedding_params, lr=embedding_lr * scale),
+            dict(params=lm_head_params, lr=unembedding_lr * scale, betas=adam_betas),
+            dict(params=embedding_params, lr=embedding_lr * scale, betas=embedding_betas),
         ]
+        if self.config.arch == "modern":
+            gates = [b.attn.ve_gate.weight for b in self.transformer.h if b.attn.ve_gate is not None]
+            matrix_params = [p for p in matrix_params if all(p is not g for g in gates)]
+            x0_betas = (x0_beta1 or adam_betas[0], adam_betas[1])
+            adam_groups += [
+                dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale / 2, betas=embedding_betas),
+                dict(params=gates, lr=scalar_lr, betas=adam_betas),
+                dict(params=[self.resid_lambdas], lr=scalar_lr / 100, betas=adam_betas),
+                dict(params=[self.x0_lambdas], lr=scalar_lr, betas=x0_betas),
+            ]
+        assert sum(len(g["params"]) for g in adam_groups) + len(matrix_params) == len(list(self.parameters()))
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        adamw_kwargs = dict(betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
+        adamw_kwargs = dict(eps=1e-10, weight_decay=0.0)
         if distributed:
             adamw = DistAdamW(adam_groups, **adamw_kwargs)
-            muon = DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+            muon = DistMuon(matrix_params, lr=matrix_lr, weight_decay=weight_decay, **muon_options)
         else:
             fused = self.lm_head.weight.device.type == "cuda"
             adamw = torch.optim.AdamW(adam_groups, fused=fused, **adamw_kwargs)
-            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+            muon = Muon(matrix_params, lr=matrix_lr, weight_decay=weight_decay, **muon_options)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -313,8 +390,15 @@ class GPT(nn.Module):
         cos_sin = cos, sin
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+        x0 = x  # the normed embedding, which a "modern" model mixes back in before every block
+        modern = self.config.arch == "modern"
+        for i, block in enumerate(self.transformer.h):
+            ve = None
+            if modern:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                if str(i) in self.value_embeds:
+                    ve = self.value_embeds[str(i)](idx)  # (B, T, n_kv_head * head_dim)
+            x = block(x, ve, cos_sin, kv_cache)
         x = norm(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
         logits = logits.float()  # (B, T, vocab_size), softcap and loss in fp32

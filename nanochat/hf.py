@@ -103,6 +103,11 @@ def hf_state_dict(state_dict, model_config, dtype=torch.bfloat16):
         ExportError: a key that transformers' NanoChat has no place for (a newer upstream
             architecture: value embeddings, per-layer lambdas, ...), named in the message.
     """
+    if model_config.arch != "classic":
+        raise ExportError(f"transformers' NanoChat implements the classic architecture; this model is --arch "
+                          f"{model_config.arch} (per-layer resid/x0 scalars and gated value embeddings), which it "
+                          "cannot represent. Chat with it here (chat_web, chat_cli), or train with --arch classic "
+                          "to export")
     V = model_config.vocab_size
     out, unknown = {}, []
     for key, tensor in state_dict.items():

@@ -50,7 +50,7 @@ parser.add_argument("--top-k", type=int, default=50, help="sample from the k mos
 parser.add_argument("--embedding-lr", type=float, default=0.2)
 parser.add_argument("--unembedding-lr", type=float, default=0.004)
 parser.add_argument("--matrix-lr", type=float, default=0.02)
-parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon cautious weight decay")
 parser.add_argument("--init-lr-frac", type=float, default=0.05,
                     help="start at this fraction of the base LRs (then linear to 0)")
 parser.add_argument("--eval-every", type=int, default=60, help="val pass@k every N steps (-1: only at the end)")

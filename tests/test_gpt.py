@@ -43,6 +43,19 @@ def expected_params(config):
 
 
 TINY = GPTConfig(sequence_len=32, vocab_size=101, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+MODERN = GPTConfig(sequence_len=32, vocab_size=101, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, arch="modern")
+
+
+def randomize_modern_parameters(model, seed=2):
+    """Move the modern model's scalars and gates away from their init, so a wrong index
+    (layer i reading layer j's lambda or value embedding) changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.resid_lambdas.copy_(0.5 + torch.rand(model.config.n_layer, generator=g))
+        model.x0_lambdas.copy_(torch.rand(model.config.n_layer, generator=g))
+        for block in model.transformer.h:
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.copy_(torch.randn(block.attn.ve_gate.weight.shape, generator=g))
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4, 5, 8, 12])
@@ -84,12 +97,15 @@ def test_causal_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_kv_cache_decoding_matches_full_forward():
-    model = build(TINY)
+@pytest.mark.parametrize("config", [TINY, MODERN], ids=["classic", "modern"])
+def test_kv_cache_decoding_matches_full_forward(config):
+    model = build(config)
     randomize_residual_projections(model)
-    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    if config.arch == "modern":
+        randomize_modern_parameters(model)
+    idx = torch.randint(0, config.vocab_size, (3, 20))
     full = model(idx)  # (3, 20, V)
-    cache = KVCache(batch_size=3, num_layers=TINY.n_layer, max_seq_len=8)  # small: forces growth
+    cache = KVCache(batch_size=3, num_layers=config.n_layer, max_seq_len=8)  # small: forces growth
     pieces = [model(idx[:, :12], kv_cache=cache)]  # prefill
     pieces.append(model(idx[:, 12:15], kv_cache=cache))  # a chunk of 3 after the prefix
     for t in range(15, 20):  # then single tokens
@@ -164,10 +180,11 @@ def test_meta_build_then_to_empty_then_init_weights():
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
 
 
-def test_backward_reaches_every_parameter():
-    model = build(TINY)
+@pytest.mark.parametrize("config", [TINY, MODERN], ids=["classic", "modern"])
+def test_backward_reaches_every_parameter(config):
+    model = build(config)
     randomize_residual_projections(model)
-    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    idx = torch.randint(0, config.vocab_size, (2, 16))
     model(idx, idx).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -248,3 +265,41 @@ def test_bf16_autocast_logits_are_softcapped_in_fp32():
     with torch.no_grad():
         fp32_loss = model(idx, idx).item()
     assert loss.item() == pytest.approx(fp32_loss, rel=5e-3)  # measured 0.13%: bf16's rounding scale (2^-9 ~ 0.2%)
+
+
+def test_modern_arch_has_value_embeddings_on_alternating_layers_ending_with_the_last():
+    model = build(GPTConfig.from_depth(4, vocab_size=200, sequence_len=32, arch="modern"))
+    assert sorted(model.value_embeds) == ["1", "3"]
+    assert [b.attn.ve_gate is not None for b in model.transformer.h] == [False, True, False, True]
+    assert model.value_embeds["3"].weight.shape == (padded_vocab_size(200), 256)  # (vocab, n_kv_head * head_dim)
+    torch.testing.assert_close(model.resid_lambdas.data, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas.data, torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    # value embeddings and scalars are lookups / elementwise: the FLOPs only gain the gates (12 x n_kv_head each)
+    classic = build(GPTConfig.from_depth(4, vocab_size=200, sequence_len=32))
+    assert model.estimate_flops() - classic.estimate_flops() == 6 * 2 * 12 * 2
+
+
+def test_modern_arch_at_init_differs_from_classic_and_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match="unknown --arch 'bogus'; pick one of classic, modern"):
+        GPTConfig(arch="bogus")
+    idx = torch.randint(0, 101, (1, 8))
+    classic = build(TINY)
+    modern = build(GPTConfig(**{**TINY.__dict__, "arch": "modern"}))
+    assert not torch.allclose(classic(idx), modern(idx))
+
+
+def test_setup_optimizers_puts_modern_parameters_in_their_adamw_groups():
+    config = GPTConfig.from_depth(4, vocab_size=200, sequence_len=32, arch="modern")
+    model = build(config)
+    adamw, muon = model.setup_optimizers(embedding_lr=0.3, scalar_lr=0.5, adam_betas=(0.8, 0.96),
+                                         embedding_betas=(0.8, 0.995), x0_beta1=0.96)
+    scale = (256 / 768) ** -0.5
+    groups = {tuple(id(p) for p in g["params"]): g for g in adamw.param_groups}
+    assert groups[(id(model.resid_lambdas),)]["lr"] == pytest.approx(0.005)
+    x0 = groups[(id(model.x0_lambdas),)]
+    assert x0["lr"] == 0.5 and x0["betas"] == (0.96, 0.96)
+    ve = groups[tuple(id(p) for p in model.value_embeds.parameters())]
+    assert ve["lr"] == pytest.approx(0.15 * scale) and ve["betas"] == (0.8, 0.995)
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(model.transformer.h[1].attn.ve_gate.weight) not in muon_params  # a gate is tiny: AdamW
+    assert len(muon_params) == 4 * 6

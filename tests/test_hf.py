@@ -115,6 +115,14 @@ def test_an_architecture_transformers_cannot_hold_is_refused_by_name():
         hf_state_dict(state, model.config)
 
 
+def test_a_modern_arch_model_is_refused_by_its_arch(tmp_path):
+    model = GPT(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, arch="modern"))
+    model.init_weights()
+    with pytest.raises(ExportError, match="this model is --arch modern .* train with --arch classic to export"):
+        export_model(model.config, model.state_dict(), None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_hf_export_script_writes_bf16_by_default(chat_base_dir, tmp_path):
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "scripts.hf_export", "--source", "sft", "--model-tag", "d1",

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from nanochat.adamw import DistAdamW
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.muon import DistMuon, Muon, orthogonalize
+from nanochat.muon import DistMuon, Muon, normalize_neurons, orthogonalization_dtype, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(32, 128), (128, 32), (100, 37), (256, 640), (3, 48, 96)])
@@ -39,12 +39,71 @@ def test_newton_schulz_keeps_singular_vectors_and_lifts_small_values(n):
     assert s[big].min() > 0.6
 
 
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (256, 640)])
+def test_polar_express_lands_closer_to_one_than_newton_schulz(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    spread = {}
+    for method in ("newton_schulz", "polar_express"):
+        s = torch.linalg.svdvals(orthogonalize(G, method=method, dtype=torch.float32))
+        spread[method] = (s - 1).abs().max().item()
+    # measured: Newton–Schulz 0.25-0.32 from 1, Polar Express under 0.1
+    assert spread["polar_express"] < 0.15 < spread["newton_schulz"]
+
+
+def test_orthogonalize_refuses_unknown_methods_and_too_many_polar_express_steps():
+    with pytest.raises(ValueError, match="pick one of newton_schulz, polar_express"):
+        orthogonalize(torch.randn(4, 4), method="svd")
+    with pytest.raises(ValueError, match="coefficients for 5 steps"):
+        orthogonalize(torch.randn(4, 4), steps=6, method="polar_express")
+
+
+def test_orthogonalization_runs_in_fp32_on_a_cpu_without_amx(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert orthogonalization_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert orthogonalization_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_normalize_neurons_keeps_the_update_norm_and_evens_out_the_neurons():
+    torch.manual_seed(0)
+    U = torch.randn(2, 64, 16) * torch.linspace(0.1, 3.0, 64)[:, None]  # rows of very different size
+    moment = torch.zeros(2, 64, 1)
+    V = normalize_neurons(U, moment, beta2=0.0)  # beta2 0: the moment is this update's row mean square
+    torch.testing.assert_close(V.norm(dim=(-2, -1)), U.norm(dim=(-2, -1)))
+    row_rms = V.square().mean(dim=-1).sqrt()  # (2, 64)
+    assert torch.all(row_rms.amax(-1) / row_rms.amin(-1) < 1.001)  # every neuron of a matrix moves by the same RMS
+    wide = torch.randn(1, 8, 32)
+    moment = torch.zeros(1, 1, 32)  # neurons along the longer side: columns here
+    normalize_neurons(wide, moment, beta2=0.9)
+    torch.testing.assert_close(moment, 0.1 * wide.square().mean(dim=-2, keepdim=True))
+
+
+def test_cautious_weight_decay_only_decays_where_update_and_weight_agree():
+    def one_step(weight_decay):
+        torch.manual_seed(1)
+        W = torch.nn.Parameter(torch.randn(16, 32))
+        start = W.detach().clone()
+        W.grad = torch.randn(16, 32)
+        Muon([W], lr=0.1, weight_decay=weight_decay).step()
+        return start, W.detach()
+    start, plain = one_step(0.0)
+    _, decayed = one_step(0.5)
+    update = (start - plain) / 0.1  # the orthogonalised update the step subtracted
+    agree = (update * start) >= 0
+    decay = plain - decayed
+    torch.testing.assert_close(decay[agree], 0.1 * 0.5 * start[agree])
+    assert torch.all(decay[~agree] == 0) and 0 < agree.float().mean() < 1
+
+
 def regression_loss(W, X, Y):
     return ((X @ W.T - Y) ** 2).mean()
 
 
 @pytest.mark.parametrize("make_opt", [
     lambda p: Muon([p], lr=0.02),
+    lambda p: Muon([p], lr=0.02, orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.01),
     lambda p: torch.optim.AdamW([p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
 ])
 def test_optimizers_reduce_a_regression_loss(make_opt):
@@ -115,14 +174,17 @@ def toy_grad(p_index, shape, step, rank):
     return one(rank) if rank is not None else (one(0) + one(1)) / 2
 
 
-def train_toy(rank, distributed):
-    """STEPS steps of AdamW and Muon on the toy params with given gradients."""
+MUON_OPTIONS = [dict(), dict(orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.2)]
+
+
+def train_toy(rank, distributed, muon_options):
+    """STEPS steps of AdamW and Muon (with muon_options) on the toy params with given gradients."""
     adam_params, muon_params = make_toy_params()
     adam_cls, muon_cls = (DistAdamW, DistMuon) if distributed else (torch.optim.AdamW, Muon)
     # eps=0.5 makes AdamW's update depend on the gradient's scale (with a tiny eps it is nearly
     # scale-free), so summing instead of averaging across ranks would fail the comparison
     optimizers = [adam_cls(adam_params, lr=0.05, betas=(0.8, 0.95), eps=0.5, weight_decay=0.1),
-                  muon_cls(muon_params, lr=0.05, momentum=0.9)]
+                  muon_cls(muon_params, lr=0.05, momentum=0.9, **muon_options)]
     for step in range(STEPS):
         for i, p in enumerate(adam_params + muon_params):
             p.grad = toy_grad(i, p.shape, step, rank)
@@ -161,7 +223,7 @@ def distributed_worker(rank, world_size, port, out_path):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results = dict(toy=train_toy(rank, distributed=True),
+        results = dict(toy=[p for options in MUON_OPTIONS for p in train_toy(rank, True, options)],
                        gpt=train_gpt_one_step(slice(rank * 2, rank * 2 + 2), distributed=True))
         gathered = [None] * world_size
         dist.all_gather_object(gathered, results)
@@ -184,7 +246,8 @@ def test_dist_optimizers_on_two_gloo_ranks_match_single_process(tmp_path):
     rank0, rank1 = torch.load(out_path)
     for a, b in zip(rank0["toy"] + rank0["gpt"], rank1["toy"] + rank1["gpt"]):
         assert torch.equal(a, b)  # every rank holds identical parameters
-    for got, want in zip(rank0["toy"], train_toy(None, distributed=False)):
+    single = [p for options in MUON_OPTIONS for p in train_toy(None, False, options)]
+    for got, want in zip(rank0["toy"], single):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # same grads: same update
     # half-batch grads averaged == full-batch grads up to fp32 rounding, which Muon's bf16
     # Newton–Schulz turns into rare differences (measured 4.7e-4 at most; a wrong shard or a
