@@ -19,11 +19,14 @@ import math
 from dataclasses import dataclass, field
 
 # Upstream nanochat's d20 speedrun (https://github.com/karpathy/nanochat, speedrun.sh and
-# scripts/base_train.py, late 2025): seq 2048, 524,288 tokens per step, 20 tokens per parameter.
-GPU_DEFAULTS = dict(depth=20, vocab_size=65536, max_seq_len=2048, total_batch_size=524288, device_batch_size=None,
-                    num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0,
+# scripts/base_train.py): seq 2048; the recipe (training.RECIPES) decides the architecture, the
+# tokens per step and the tokens per parameter when the user does not (None).
+GPU_DEFAULTS = dict(recipe="nov2025", arch=None, depth=20, vocab_size=65536, max_seq_len=2048, total_batch_size=None,
+                    device_batch_size=None, num_iterations=-1, target_flops=-1.0, target_param_data_ratio=None,
                     eval_every=250, eval_tokens=20 * 524288, sample_every=2000, save_every=1000,
                     core_metric_every=2000)
+SHAPE_FLAG_TYPES = {name: int for name in GPU_DEFAULTS} | dict(recipe=str, arch=str, target_flops=float,
+                                                                target_param_data_ratio=float)
 
 # The CPU presets: every stage's real code path, in minutes. `data` offline: they build their
 # corpus and chat tasks on this machine. The per-stage dicts are flags of those stages' scripts.
@@ -58,6 +61,8 @@ PRESETS = {
         eval={"max-problems": 4, "max-new-tokens": 32},
     ),
 }
+
+POWER_LINES_REFERENCE_DEPTH = 12  # the depth whose batch upstream tuned (2^19 tokens), see power_lines_batch_size
 
 # Without a GPU the GPU preset's evaluation budget (20 steps of 524,288 tokens, 10.5M tokens)
 # takes hours; there a val bpb pass reads this many forward passes of the device batch.
@@ -116,6 +121,8 @@ class RunShape:
     as argument lists, e.g. {"mid": ["--num-iterations", "12", ...]}.
     """
     preset: str
+    recipe: str  # training.RECIPES key
+    arch: str  # "classic" or "modern" (gpt.GPTConfig.arch)
     depth: int
     vocab_size: int
     max_seq_len: int
@@ -123,7 +130,8 @@ class RunShape:
     total_batch_size: int
     world_size: int
     grad_accum_steps: int
-    num_params: int
+    num_params: int  # every parameter
+    ratio_params: int  # the parameters "tokens per parameter" counts (the recipe's param_count)
     flops_per_token: float
     num_iterations: int
     horizon: str  # the flag that decided num_iterations, e.g. "--num-iterations"
@@ -158,7 +166,7 @@ class RunShape:
         """{device_batch_size: predicted peak bytes} for the powers of two up to 32 and the chosen size."""
         sizes = sorted({2 ** i for i in range(6)} | {self.device_batch_size})
         return {bs: predict_peak_memory(self.depth, self.max_seq_len, bs, self.vocab_size, self.bf16, self.compile,
-                                        self.world_size).total for bs in sizes}
+                                        self.world_size, self.arch).total for bs in sizes}
 
     @property
     def eval_steps(self):
@@ -167,12 +175,14 @@ class RunShape:
 
 
 @functools.lru_cache(maxsize=None)
-def model_size(depth, vocab_size, max_seq_len):
+def model_size(depth, vocab_size, max_seq_len, arch="classic"):
     """(parameters, training FLOPs per token, bytes of fp32 weights + gradients + optimizer state,
-    bytes of optimizer state) of the d`depth` GPT, built on the meta device (no memory, no init).
+    bytes of optimizer state, matmul parameters) of the d`depth` GPT of `arch`, built on the meta
+    device (no memory, no init).
 
-    Optimizer state: AdamW keeps two fp32 moments for the embedding and lm_head, Muon one fp32
-    momentum buffer for every other matrix (nanochat/adamw.py, nanochat/muon.py).
+    Optimizer state: AdamW keeps two fp32 moments for the embeddings, lm_head and scalars, Muon
+    one fp32 momentum buffer for every block matrix (nanochat/adamw.py, nanochat/muon.py; the
+    NorMuon buffer is one value per neuron, negligible).
 
     Raises:
         RunShapeError: depth < 1.
@@ -180,15 +190,17 @@ def model_size(depth, vocab_size, max_seq_len):
     import torch
     from nanochat.gpt import GPT, GPTConfig
     try:
-        config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len)
+        config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len, arch=arch)
     except ValueError as e:
         raise RunShapeError(str(e)) from None
     with torch.device("meta"):
         model = GPT(config)
     params = model.num_scaling_params()
-    adamw = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
-    optimizer_bytes = 8 * adamw + 4 * (params - adamw)
-    return params, model.estimate_flops(), 4 * params + 4 * params + optimizer_bytes, optimizer_bytes
+    gates = sum(b.attn.ve_gate.weight.numel() for b in model.transformer.h if b.attn.ve_gate is not None)
+    muon = sum(p.numel() for p in model.transformer.h.parameters()) - gates  # the gates go to AdamW
+    optimizer_bytes = 8 * (params - muon) + 4 * muon
+    return (params, model.estimate_flops(), 4 * params + 4 * params + optimizer_bytes, optimizer_bytes,
+            model.num_matmul_params())
 
 
 @dataclass
@@ -207,29 +219,32 @@ class MemoryEstimate:
 
 
 def predict_peak_memory(depth, max_seq_len, device_batch_size, vocab_size=65536, bf16=True, compile=True,
-                        world_size=1):
+                        world_size=1, arch="classic"):
     """Predicted peak of torch.cuda.max_memory_allocated() for base_train's step, in bytes, by term.
 
     bf16: the forward runs under bf16 autocast (the CUDA default); compile: torch.compile'd
     model. world_size: processes; the distributed optimizers shard their state over them
     (nanochat/adamw.py DistAdamW, nanochat/muon.py DistMuon). The constants and their source:
     ACTIVATION_BYTES, EMBEDDING_BYTES, LOGITS_BYTES, LOGITS_BACKWARD_BYTES at the top of this
-    module. Not counted: the CUDA context and allocator fragmentation (see memory_budget), and
-    --fp8, which only shrinks the activations.
+    module. --arch modern adds its parameters (value embeddings) to the weight terms and, to the
+    activations, the fp32 tensors its additions save for backward, counted (not fit): per token,
+    the residual stream before each layer's scalars (n_layer x n_embd) and each value embedding
+    (n_kv_head x head_dim). Not counted: the CUDA context and allocator fragmentation (see
+    memory_budget), and --fp8, which only shrinks the activations.
 
     Raises:
         RunShapeError: depth < 1.
     """
     from nanochat.gpt import padded_vocab_size
-    params, _, _, optimizer_bytes = model_size(depth, vocab_size, max_seq_len)
+    params, _, _, optimizer_bytes, matmul_params = model_size(depth, vocab_size, max_seq_len, arch)
     n_embd = 64 * depth
-    wte = padded_vocab_size(vocab_size) * n_embd  # not multiplied, so autocast makes no copy of it
     key = (bool(bf16), bool(compile))
     tokens = device_batch_size * max_seq_len
+    modern_bytes = 4 * (depth * n_embd + (depth + 1) // 2 * n_embd) if arch == "modern" else 0
     return MemoryEstimate(
         weights=4 * params, grads=4 * params, optimizer=optimizer_bytes // world_size,
-        weight_copies=2 * (params - wte) if bf16 else 0,
-        activations=tokens * n_embd * (ACTIVATION_BYTES[key] * depth + EMBEDDING_BYTES[key]),
+        weight_copies=2 * matmul_params if bf16 else 0,  # autocast copies what it multiplies (not the embeddings)
+        activations=tokens * (n_embd * (ACTIVATION_BYTES[key] * depth + EMBEDDING_BYTES[key]) + modern_bytes),
         logits=tokens * vocab_size * (LOGITS_BYTES[key] + LOGITS_BACKWARD_BYTES[key]))
 
 
@@ -242,14 +257,26 @@ def memory_budget(memory_bytes, unified):
     return int(FIT_FRACTION * max(memory_bytes - CUDA_CONTEXT_BYTES, 0))
 
 
+def power_lines_batch_size(tokens, reference_tokens, reference_batch_size=2**19, exponent=0.383):
+    """Tokens per optimizer step for a run of `tokens` training tokens: the power of two nearest
+    (in log2) to reference_batch_size x (tokens / reference_tokens)^0.383.
+
+    B_opt ∝ D^0.383: Bergsma et al. 2025, "Power Lines", https://arxiv.org/abs/2505.13738. The
+    reference is upstream nanochat's d12, tuned at 2^19 tokens per step at its compute-optimal
+    horizon (dev/LOG.md 2026-02-05); run_shape passes that horizon for the run's vocabulary,
+    context and recipe. 10x the tokens: ~2.4x the batch.
+    """
+    return 2 ** round(math.log2(reference_batch_size * (tokens / reference_tokens) ** exponent))
+
+
 def auto_device_batch_size(depth, max_seq_len, total_batch_size, world_size, budget_bytes, vocab_size=65536,
-                           bf16=True, compile=True):
+                           bf16=True, compile=True, arch="classic"):
     """The largest power of two <= 32 (upstream's device batch at seq 2048) whose predicted peak
     memory (predict_peak_memory) is within `budget_bytes` (memory_budget) and whose
     device_batch_size x max_seq_len x world_size divides total_batch_size; at least 1."""
     bs = 1
     while (bs * 2 <= MAX_AUTO_DEVICE_BATCH_SIZE and predict_peak_memory(
-            depth, max_seq_len, bs * 2, vocab_size, bf16, compile, world_size).total <= budget_bytes):
+            depth, max_seq_len, bs * 2, vocab_size, bf16, compile, world_size, arch).total <= budget_bytes):
         bs *= 2
     while bs > 1 and total_batch_size % (bs * max_seq_len * world_size) != 0:
         bs //= 2
@@ -319,11 +346,42 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     spec = PRESETS[preset]
     given = {k: v for k, v in flags.items() if v is not None}
     s = {**spec["base"], **given}
-    for name in ("depth", "vocab_size", "max_seq_len", "total_batch_size"):
+    # the recipe fills what neither the user nor the preset set: architecture, batch, tokens per parameter
+    from nanochat.gpt import ARCHS
+    from nanochat.training import RECIPES
+    if s["recipe"] not in RECIPES:
+        raise RunShapeError(f"unknown --recipe {s['recipe']!r}; pick one of {', '.join(RECIPES)}")
+    recipe = RECIPES[s["recipe"]]
+    for name in ("arch", "total_batch_size", "target_param_data_ratio"):
+        if s[name] is None:
+            s[name] = recipe[name]
+    if s["arch"] not in ARCHS:
+        raise RunShapeError(f"unknown --arch {s['arch']!r}; pick one of {', '.join(ARCHS)}")
+    for name in ("depth", "vocab_size", "max_seq_len"):
         if s[name] < 1:
             raise RunShapeError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if s["total_batch_size"] < 1 and s["total_batch_size"] != -1:
+        raise RunShapeError(f"--total-batch-size must be >= 1, or -1 to derive it (Power Lines), got {s['total_batch_size']}")
     if world_size < 1:
         raise RunShapeError(f"the number of processes must be >= 1, got {world_size}")
+    params, flops_per_token, state_bytes, optimizer_bytes, matmul_params = model_size(
+        s["depth"], s["vocab_size"], s["max_seq_len"], s["arch"])
+    ratio_params = matmul_params if recipe["param_count"] == "matmul" else params  # what "tokens per parameter" counts
+
+    # the batch from the horizon (Power Lines) when it is -1; the horizon must then be in tokens
+    if s["total_batch_size"] == -1:
+        if s["num_iterations"] > 0:
+            raise RunShapeError("--total-batch-size -1 derives the batch from the training tokens, so the horizon "
+                                "must be in tokens: use --target-param-data-ratio or --target-flops instead of "
+                                "--num-iterations, or give --total-batch-size")
+        tokens = (s["target_flops"] / flops_per_token if s["target_flops"] > 0
+                  else s["target_param_data_ratio"] * ratio_params)
+        reference_params = model_size(POWER_LINES_REFERENCE_DEPTH, s["vocab_size"], s["max_seq_len"], s["arch"])
+        reference_params = reference_params[4] if recipe["param_count"] == "matmul" else reference_params[0]
+        s["total_batch_size"] = max(power_lines_batch_size(tokens, s["target_param_data_ratio"] * reference_params),
+                                    s["max_seq_len"] * world_size)
+        if "device_batch_size" not in given and s["device_batch_size"] is not None:  # a CPU preset's: fit the step
+            s["device_batch_size"] = min(s["device_batch_size"], s["total_batch_size"] // (s["max_seq_len"] * world_size))
 
     # the device batch: the user's, else the preset's, else what the memory model fits in the GPU
     # (CPU: a small one)
@@ -341,9 +399,10 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     if "device_batch_size" not in given and s["device_batch_size"] is None:
         if device_type == "cuda":
             s["device_batch_size"] = auto_device_batch_size(s["depth"], s["max_seq_len"], s["total_batch_size"],
-                                                            world_size, budget, s["vocab_size"], bf16, compile)
+                                                            world_size, budget, s["vocab_size"], bf16, compile,
+                                                            s["arch"])
         else:
-            s["device_batch_size"] = CPU_DEVICE_BATCH_SIZE
+            s["device_batch_size"] = min(CPU_DEVICE_BATCH_SIZE, s["total_batch_size"] // (s["max_seq_len"] * world_size))
     dbs = s["device_batch_size"]
     if dbs < 1:
         raise RunShapeError(f"--device-batch-size must be >= 1, got {dbs}")
@@ -361,8 +420,6 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     if "eval_tokens" not in given and preset == "gpu" and device_type != "cuda":
         s["eval_tokens"] = CPU_EVAL_FORWARD_PASSES * world_tokens
 
-    params, flops_per_token, state_bytes, optimizer_bytes = model_size(s["depth"], s["vocab_size"], s["max_seq_len"])
-
     # the horizon: the first of these that is set (> 0) wins
     if s["num_iterations"] > 0:
         num_iterations, horizon = s["num_iterations"], "--num-iterations"
@@ -370,7 +427,7 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
         num_iterations = round(s["target_flops"] / (flops_per_token * s["total_batch_size"]))
         horizon = f"--target-flops {s['target_flops']:e}"
     elif s["target_param_data_ratio"] > 0:
-        num_iterations = int(s["target_param_data_ratio"] * params) // s["total_batch_size"]
+        num_iterations = int(s["target_param_data_ratio"] * ratio_params) // s["total_batch_size"]
         horizon = f"--target-param-data-ratio {s['target_param_data_ratio']:g}"
     else:
         raise RunShapeError("set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
@@ -379,7 +436,8 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
                             "raise it or lower --total-batch-size")
 
     stage_args = {name: _stage_args(spec[name]) for name in ("tok", "loss", "mid", "sft", "rl", "eval")}
-    return RunShape(preset=preset, depth=s["depth"], vocab_size=s["vocab_size"], max_seq_len=s["max_seq_len"],
+    return RunShape(preset=preset, recipe=s["recipe"], arch=s["arch"], depth=s["depth"], vocab_size=s["vocab_size"],
+                    max_seq_len=s["max_seq_len"], ratio_params=ratio_params,
                     device_batch_size=dbs, total_batch_size=s["total_batch_size"], world_size=world_size,
                     grad_accum_steps=grad_accum_steps, num_params=params,
                     flops_per_token=flops_per_token, num_iterations=num_iterations, horizon=horizon,
@@ -387,7 +445,7 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
                     save_every=s["save_every"], core_metric_every=s["core_metric_every"], data=spec["data"],
                     state_bytes=state_bytes, optimizer_bytes=optimizer_bytes, bf16=bf16, compile=compile,
                     peak_memory=predict_peak_memory(s["depth"], s["max_seq_len"], dbs, s["vocab_size"], bf16, compile,
-                                                    world_size),
+                                                    world_size, s["arch"]),
                     memory_budget=budget, stage_args=stage_args)
 
 

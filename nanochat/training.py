@@ -121,14 +121,74 @@ def setup_stage(name, device_type, run, user_config, compile_flag=None, model_ta
 # -----------------------------------------------------------------------------
 # Batch and schedules
 
-def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+# Pretraining recipes (base_train --recipe): every hyperparameter that is not the run's shape.
+# Each entry is also a base_train flag of the same name, so one change can be measured alone
+# (bench/recipe.py). The "jan2026" values are upstream nanochat's as of early 2026
+# (scripts/base_train.py, nanochat/gpt.py and dev/LOG.md of github.com/karpathy/nanochat).
+RECIPES = {
+    # upstream nanochat's Nov-2025 speedrun: this project's pretraining until Dec 2026
+    "nov2025": dict(
+        arch="classic", orthogonalizer="newton_schulz", normuon_beta2=0.0, weight_decay=0.0,
+        embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+        adam_betas=(0.8, 0.95), embedding_betas=(0.8, 0.95), x0_beta1=0.8,
+        warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
+        momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
+        # horizon: 20 tokens per parameter, all parameters counted (Chinchilla); a fixed batch
+        param_count="all", target_param_data_ratio=20.0, total_batch_size=524288,
+    ),
+    # upstream's 2026 recipe: Polar Express + NorMuon + cautious weight decay (0.2 at d12, x 1/width²,
+    # dev/LOG.md 2026-01-10), the retuned learning rates and betas (2026-01-19..22), warmup 40
+    # steps, a warmdown over 65% of the run to 5%, Muon momentum 0.85 -> 0.97 over 400 steps and
+    # back to 0.90 over the warmdown; LRs x sqrt(B / 2^19) when the batch differs from the d12
+    # reference (2026-02-05); the batch from the horizon by Power Lines; 12 tokens per matmul
+    # parameter (its compute-optimal ratio for this count, measured by upstream's scaling sweeps).
+    "jan2026": dict(
+        arch="modern", orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.2,
+        embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
+        adam_betas=(0.8, 0.96), embedding_betas=(0.8, 0.995), x0_beta1=0.96,
+        warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05, lr_batch_scaling=True,
+        momentum_ramp=(0.85, 0.97, 400), momentum_warmdown_end=0.90,
+        param_count="matmul", target_param_data_ratio=12.0, total_batch_size=-1,
+    ),
+}
+WEIGHT_DECAY_REFERENCE_DEPTH = 12  # recipes give --weight-decay at d12; it scales as (12 / depth)^2
+REFERENCE_BATCH_SIZE = 2**19  # tokens per step upstream tuned the LRs at (d12); lr_batch_scaling's reference
+
+
+def resolve_recipe(name, **overrides):
+    """The recipe `name` (RECIPES) with every override that is not None on top. Returns a dict.
+
+    Raises:
+        ValueError: an unknown recipe (the message lists them) or an unknown override name.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown --recipe {name!r}; pick one of {', '.join(RECIPES)}")
+    unknown = set(overrides) - set(RECIPES[name])
+    if unknown:
+        raise ValueError(f"unknown recipe settings {sorted(unknown)}")
+    return {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def scaled_weight_decay(weight_decay, depth):
+    """Muon's cautious weight decay at `depth` from its value at d12: x (12 / depth)^2.
+
+    Upstream swept the optimum at d8/d12/d16/d20 (0.40/0.22/0.10/0.08) and fit WD ∝ 1/width^1.97
+    (dev/LOG.md 2026-01-10). Below d8 this extrapolates (d4: 9x the d12 value); bench/recipe.py
+    measures whether it holds there.
+    """
+    return weight_decay * (WEIGHT_DECAY_REFERENCE_DEPTH / depth) ** 2
+
+
+def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0,
+                      warmup_steps=None):
     """Multiplier on every param group's initial_lr at `step` (0-based).
 
-    Linear warmup over the first warmup_ratio of the steps, constant, then a linear warmdown over
-    the last warmdown_ratio of the steps to final_lr_frac (upstream nanochat: no warmup,
-    warmdown 0.2, final 0.0). Returns a float in [final_lr_frac, 1].
+    Linear warmup over the first warmup_steps steps (or, when warmup_steps is None, the first
+    warmup_ratio of the steps), constant, then a linear warmdown over the last warmdown_ratio of
+    the steps to final_lr_frac (upstream Nov 2025: no warmup, warmdown 0.2, final 0.0; 2026: 40
+    warmup steps, 0.65, 0.05). Returns a float in (0, 1].
     """
-    warmup_iters = round(warmup_ratio * num_iterations)
+    warmup_iters = warmup_steps if warmup_steps is not None else round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_iters:
         return (step + 1) / warmup_iters
@@ -138,19 +198,33 @@ def get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2
     return progress + (1 - progress) * final_lr_frac
 
 
-def get_muon_momentum(step, ramp_steps=300, start=0.85, end=0.95):
-    """Muon momentum at `step`: linear from 0.85 to 0.95 over the first 300 steps (upstream nanochat)."""
+def get_muon_momentum(step, ramp_steps=300, start=0.85, end=0.95, num_iterations=None, warmdown_ratio=0.0,
+                      warmdown_end=None):
+    """Muon momentum at `step`: linear from `start` to `end` over the first ramp_steps steps
+    (upstream Nov 2025: 0.85 -> 0.95 over 300), then, when warmdown_end is given, linear from
+    `end` to warmdown_end over the LR warmdown (the last warmdown_ratio of num_iterations steps;
+    upstream 2026: 0.85 -> 0.97 over 400, then to 0.90)."""
+    if warmdown_end is not None:
+        warmdown_iters = round(warmdown_ratio * num_iterations)
+        warmdown_start = num_iterations - warmdown_iters
+        if warmdown_iters > 0 and step >= warmdown_start:
+            progress = (step - warmdown_start) / warmdown_iters
+            return (1 - progress) * end + progress * warmdown_end
     frac = min(step / ramp_steps, 1.0)
     return (1 - frac) * start + frac * end
 
 
-def set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum=None):
-    """Set lr = initial_lr * lr_multiplier on every param group, and the Muon momentum if given."""
+def set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum=None, muon_weight_decay=None):
+    """Set lr = initial_lr * lr_multiplier on every param group, and Muon's momentum and
+    (cautious) weight decay if given."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier
-            if muon_momentum is not None and "momentum" in group and "betas" not in group:
-                group["momentum"] = muon_momentum
+            if "betas" not in group:  # a Muon group
+                if muon_momentum is not None:
+                    group["momentum"] = muon_momentum
+                if muon_weight_decay is not None:
+                    group["weight_decay"] = muon_weight_decay
 
 
 def should_save(step, start_step, last_step, save_every):
@@ -328,8 +402,9 @@ class PrefetchingLoader:
 
 
 def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_multiplier, muon_momentum=None,
-               grad_clip=0.0):
-    """One optimizer step: grad_accum_steps forward/backward passes, then every optimizer steps.
+               grad_clip=0.0, muon_weight_decay=None):
+    """One optimizer step: grad_accum_steps forward/backward passes, then every optimizer steps
+    (after set_lr_and_momentum with lr_multiplier, muon_momentum and muon_weight_decay).
 
     batches: a PrefetchingLoader of (B, T) int64 (inputs, targets), targets -1 ignored.
     Returns the step's mean loss (float, nats per target token) over micro-batches and, under
@@ -349,7 +424,7 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
         (loss / grad_accum_steps).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum)
+    set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum, muon_weight_decay)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)

@@ -5,9 +5,11 @@ Pretrain the base model: tokens from the pretraining shards in, a GPT checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train  # several GPUs (gloo on CPU)
     python -m scripts.base_train --depth 20 --resume               # continue a killed run
     python -m scripts.base_train --preset tiny --depth 8           # the CPU demo's defaults, a d8
+    python -m scripts.base_train --recipe jan2026                  # upstream's 2026 recipe and architecture
 
 Every shape flag left out (depth, batch, horizon, evaluation budget) comes from --preset through
-nanochat/run_shape.py, the function scripts.plan prints the plan with: the plan is the run.
+nanochat/run_shape.py, the function scripts.plan prints the plan with: the plan is the run. Every
+optimizer/schedule flag left out, and the architecture, come from --recipe (training.RECIPES).
 
 Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>/. A resumed run restores the
 model, the optimizer state, the LR schedule position, the data loader position and the RNG, so
@@ -27,12 +29,14 @@ from nanochat.dataloader import tokenizing_distributed_data_loader, without_stat
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.fp8 import convert_blocks_to_fp8, fp8_unsupported_reason
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import ARCHS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.muon import ORTHOGONALIZERS
 from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_shape, shape_flags
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier, get_muon_momentum,
-                               halve_device_batch, setup_stage, should_save, train_step)
+from nanochat.training import (RECIPES, REFERENCE_BATCH_SIZE, LossLog, PrefetchingLoader, ProgressMeter,
+                               get_lr_multiplier, get_muon_momentum, halve_device_batch, resolve_recipe,
+                               scaled_weight_decay, setup_stage, should_save, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -42,27 +46,38 @@ parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"
 # The run's shape: every flag left out comes from the preset (nanochat/run_shape.py, the same
 # function that prints the plan); "gpu" is upstream's d20 recipe, with CPU-sized evaluation on a CPU.
 parser.add_argument("--preset", default="gpu", choices=list(PRESETS), help="defaults for the flags below (default: gpu)")
+parser.add_argument("--recipe", default="nov2025", choices=list(RECIPES),
+                    help="hyperparameters, schedule and architecture (training.RECIPES; default: nov2025)")
 # model
+parser.add_argument("--arch", default=None, choices=list(ARCHS), help="classic or modern (default: the recipe's)")
 parser.add_argument("--depth", type=int, default=None, help="number of layers; width = 64 x depth (gpu: 20)")
 parser.add_argument("--max-seq-len", type=int, default=None, help="context length in tokens (gpu: 2048)")
 parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
 # horizon: the first of these that is set (> 0) wins
 parser.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (gpu: -1, derive)")
 parser.add_argument("--target-flops", type=float, default=None, help="training FLOPs budget (gpu: -1, unused)")
-parser.add_argument("--target-param-data-ratio", type=float, default=None, help="tokens per parameter (gpu: 20, Chinchilla)")
+parser.add_argument("--target-param-data-ratio", type=float, default=None,
+                    help="tokens per parameter (the recipe's: nov2025 20 per parameter, jan2026 12 per matmul parameter)")
 # batch
 parser.add_argument("--device-batch-size", type=int, default=None,
                     help="sequences per forward pass per process (gpu: what fits the GPU's memory, up to 32; CPU: 4)")
-parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (gpu: 524,288)")
-# optimizers and schedule
-parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
-parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
-parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--total-batch-size", type=int, default=None,
+                    help="tokens per optimizer step; -1: from the horizon by Power Lines (the recipe's: 524,288 or -1)")
+# optimizers and schedule: None = the recipe's value
+parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of the token embedding")
+parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of lm_head")
+parser.add_argument("--matrix-lr", type=float, default=None, help="Muon lr of the block matrices")
+parser.add_argument("--scalar-lr", type=float, default=None, help="AdamW lr of the modern arch's per-layer scalars")
+parser.add_argument("--orthogonalizer", default=None, choices=list(ORTHOGONALIZERS), help="Muon's orthogonalisation")
+parser.add_argument("--normuon-beta2", type=float, default=None, help="NorMuon second-moment beta2 (0: off)")
+parser.add_argument("--weight-decay", type=float, default=None,
+                    help="Muon cautious weight decay at d12, x (12/depth)^2, ramped linearly to 0 (0: off)")
+parser.add_argument("--lr-batch-scaling", action=argparse.BooleanOptionalAction, default=None,
+                    help="scale the LRs by sqrt(total batch / 2^19)")
 parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
-parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
-parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the initial")
+parser.add_argument("--warmup-steps", type=int, default=None, help="steps of linear LR warmup")
+parser.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of steps with linear LR warmdown")
+parser.add_argument("--final-lr-frac", type=float, default=None, help="LR at the end, as a fraction of the initial")
 # evaluation, sampling, checkpoints
 parser.add_argument("--eval-every", type=int, default=None, help="val bpb every N steps (-1: only at the end; gpu: 250)")
 parser.add_argument("--eval-tokens", type=int, default=None,
@@ -77,6 +92,7 @@ parser.add_argument("--resume", action="store_true", help="continue from the las
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the model (default: on for CUDA, off elsewhere)")
+parser.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
 parser.add_argument("--fp8", action="store_true",
                     help="train the block matrices in fp8 (torchao, tensorwise; GPUs of sm_89 and newer)")
 args = parser.parse_args()
@@ -109,13 +125,19 @@ except RunShapeError as e:
 user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
 stage.model_tag = args.model_tag or shape.model_tag
 checkpoint_dir = stage.checkpoint_dir
+# The recipe: every optimizer and schedule setting the user left out
+recipe_flags = {name: getattr(args, name) for name in RECIPES[args.recipe] if hasattr(args, name)}
+recipe = resolve_recipe(args.recipe, **{**recipe_flags, "arch": shape.arch, "total_batch_size": shape.total_batch_size})
+user_config.update({name: value for name, value in recipe.items() if user_config.get(name) is None})
 
 # -----------------------------------------------------------------------------
 # Model
-model_config = GPTConfig.from_depth(shape.depth, vocab_size=vocab_size, sequence_len=shape.max_seq_len)
+model_config = GPTConfig.from_depth(shape.depth, vocab_size=vocab_size, sequence_len=shape.max_seq_len,
+                                    arch=shape.arch)
 with torch.device("meta"):
     model = GPT(model_config)
 model.to_empty(device=device)
+torch.manual_seed(args.seed)
 init_rng_state = capture_rng_state()  # to re-initialise identically if memory runs out before the first checkpoint
 model.init_weights()
 if args.fp8:
@@ -131,10 +153,18 @@ device_batch_size, grad_accum_steps = shape.device_batch_size, shape.grad_accum_
 num_iterations, horizon = shape.num_iterations, shape.horizon
 total_tokens = shape.tokens
 
-# Optimizers
+# Optimizers. With lr_batch_scaling every LR goes as sqrt(batch / 2^19) (AdamW's square-root rule,
+# which upstream also applies to Muon), and the weight decay as 1/width² from its d12 value.
+lr_scale = (shape.total_batch_size / REFERENCE_BATCH_SIZE) ** 0.5 if recipe["lr_batch_scaling"] else 1.0
+weight_decay = scaled_weight_decay(recipe["weight_decay"], shape.depth)
+
+
 def build_optimizers():
-    return model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    return model.setup_optimizers(
+        unembedding_lr=recipe["unembedding_lr"], embedding_lr=recipe["embedding_lr"], matrix_lr=recipe["matrix_lr"],
+        scalar_lr=recipe["scalar_lr"], adam_betas=recipe["adam_betas"], embedding_betas=recipe["embedding_betas"],
+        x0_beta1=recipe["x0_beta1"], lr_scale=lr_scale, weight_decay=weight_decay,
+        orthogonalizer=recipe["orthogonalizer"], normuon_beta2=recipe["normuon_beta2"])
 
 
 optimizers = build_optimizers()
@@ -177,13 +207,17 @@ train_batches = build_train_loader(loader_state)
 
 # -----------------------------------------------------------------------------
 # The plan
-print0(f"model: {stage.model_tag} | depth {shape.depth} | n_embd {model_config.n_embd} | heads {model_config.n_head} | "
-       f"vocab {vocab_size} | seq {shape.max_seq_len}")
+print0(f"model: {stage.model_tag} | {shape.arch} | depth {shape.depth} | n_embd {model_config.n_embd} | "
+       f"heads {model_config.n_head} | vocab {vocab_size} | seq {shape.max_seq_len}")
+print0(f"recipe {args.recipe}: Muon {recipe['orthogonalizer']}, NorMuon beta2 {recipe['normuon_beta2']}, cautious weight "
+       f"decay {weight_decay:.4g} | LR x {lr_scale:.3g}, warmup {recipe['warmup_steps']} steps, warmdown "
+       f"{recipe['warmdown_ratio']:.0%} to {recipe['final_lr_frac']}")
 print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
 print0(f"batch: {shape.total_batch_size:,} tokens per step = {shape.device_batch_size} x {shape.max_seq_len} x "
        f"{world_size} processes x {grad_accum_steps} accumulation steps")
 print0(f"horizon ({horizon}): {num_iterations:,} steps, {total_tokens:,} tokens "
-       f"({total_tokens / num_params:.1f} tokens per parameter), {flops_per_token * total_tokens:e} FLOPs")
+       f"({total_tokens / shape.ratio_params:.1f} tokens per {'matmul ' if shape.ratio_params != num_params else ''}"
+       f"parameter), {flops_per_token * total_tokens:e} FLOPs")
 core_metric_every = shape.core_metric_every
 if core_metric_every > 0:
     try:
@@ -286,12 +320,16 @@ while True:
         break
 
     # one optimizer step
-    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    lrm = get_lr_multiplier(step, num_iterations, warmdown_ratio=recipe["warmdown_ratio"],
+                            final_lr_frac=recipe["final_lr_frac"], warmup_steps=recipe["warmup_steps"])
+    momentum_start, momentum_end, momentum_ramp_steps = recipe["momentum_ramp"]
+    momentum = get_muon_momentum(step, momentum_ramp_steps, momentum_start, momentum_end, num_iterations,
+                                 recipe["warmdown_ratio"], recipe["momentum_warmdown_end"])
     stage.synchronize()
     meter.start()
     try:
-        train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm,
-                                get_muon_momentum(step), args.grad_clip)
+        train_loss = train_step(model, train_batches, optimizers, grad_accum_steps, autocast_ctx, lrm, momentum,
+                                args.grad_clip, weight_decay * (1 - step / num_iterations))
         out_of_memory = False
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the exception's traceback no longer holds the activations

@@ -25,8 +25,8 @@ import sys
 import torch
 
 from nanochat.common import ArgumentParser, autodetect_device_type, format_duration, get_peak_flops, hub_reachable
-from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, RunShapeError, cpu_matmul_flops, estimate_seconds,
-                                format_memory_candidates, run_shape, shape_flags)
+from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, SHAPE_FLAG_TYPES, RunShapeError, cpu_matmul_flops,
+                                estimate_seconds, format_memory_candidates, run_shape, shape_flags)
 from nanochat.tokenizer import get_tokenizer
 
 parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
@@ -42,10 +42,9 @@ args = parser.parse_args()
 # base_train's shape flags among the extra arguments: run_shape's flags (the vocabulary comes from
 # the tokenizer, not a flag), parsed as base_train parses them
 shape_parser = ArgumentParser(add_help=False)
-for name, default in GPU_DEFAULTS.items():
+for name in GPU_DEFAULTS:
     if name != "vocab_size":
-        shape_parser.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(default, float) else int,
-                                  default=None)
+        shape_parser.add_argument(f"--{name.replace('_', '-')}", type=SHAPE_FLAG_TYPES[name], default=None)
 extra_args = args.extra_args[1:] if args.extra_args[:1] == ["--"] else args.extra_args
 shape_parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)  # activation memory
 extra, _ = shape_parser.parse_known_args(extra_args)
@@ -102,12 +101,14 @@ else:
     seconds = estimate_seconds(shape.training_flops, rate)
     basis = f"CPU: measured fp32 matmul {rate / 1e9:.0f} GFLOP/s x 40% (assumed)"
 
-print(f"plan | model {shape.model_tag}: {shape.num_params:,} parameters, {shape.flops_per_token:.3e} FLOPs per token, "
+print(f"plan | model {shape.model_tag} ({shape.arch} architecture, recipe {shape.recipe}): {shape.num_params:,} parameters, "
+      f"{shape.flops_per_token:.3e} FLOPs per token, "
       f"vocab {shape.vocab_size:,}, context {shape.max_seq_len}")
 print(f"plan | batch: {shape.total_batch_size:,} tokens per step = {shape.device_batch_size} x {shape.max_seq_len} x "
       f"{shape.world_size} processes x {shape.grad_accum_steps} accumulation steps")
 print(f"plan | pretraining ({shape.horizon}): {shape.num_iterations:,} steps x {shape.total_batch_size:,} tokens = "
-      f"{shape.tokens:,} tokens ({shape.tokens / shape.num_params:.2f} per parameter), {shape.training_flops:.3e} FLOPs")
+      f"{shape.tokens:,} tokens ({shape.tokens / shape.ratio_params:.2f} per {'matmul ' if shape.ratio_params != shape.num_params else ''}"
+      f"parameter), {shape.training_flops:.3e} FLOPs")
 print(f"plan | memory: {shape.state_bytes / 2**30:.2f} GiB for weights, gradients and optimizer state; "
       + format_memory_candidates(shape.memory_candidates(), shape.device_batch_size, shape.memory_budget))
 eta = format_duration(seconds) if seconds else "n/a"

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from nanochat.run_shape import (PRESETS, RunShapeError, auto_device_batch_size, memory_budget, predict_peak_memory,
-                                run_shape)
+from nanochat.run_shape import (PRESETS, RunShapeError, auto_device_batch_size, memory_budget, power_lines_batch_size,
+                                predict_peak_memory, run_shape)
 
 GiB = 2**30
 
@@ -47,6 +47,34 @@ def test_impossible_combinations_are_refused_by_name():
         run_shape("huge")
     with pytest.raises(TypeError):
         run_shape("gpu", depht=20)
+
+
+def test_jan2026_recipe_sizes_the_batch_by_power_lines_and_counts_matmul_parameters():
+    # upstream's table (dev/LOG.md 2026-02-05, vocab 32K): d8 2^18, d10-16 2^19, d18-26 2^20
+    sizes = {d: run_shape("gpu", "cuda", gpu_memory_gib=80, recipe="jan2026", depth=d, vocab_size=32768)
+             for d in (8, 12, 16, 20, 26)}
+    assert [s.total_batch_size for s in sizes.values()] == [2**18, 2**19, 2**19, 2**20, 2**20]
+    d20 = sizes[20]
+    assert d20.arch == "modern" and d20.horizon.startswith("--target-param-data-ratio 12")
+    assert d20.ratio_params < d20.num_params  # the value embeddings are not counted
+    assert d20.tokens == pytest.approx(12 * d20.ratio_params, rel=d20.total_batch_size / d20.tokens)
+    # the user's batch and architecture win; Power Lines needs a horizon in tokens
+    assert run_shape("gpu", "cpu", recipe="jan2026", total_batch_size=2**19).total_batch_size == 2**19
+    assert run_shape("gpu", "cpu", recipe="jan2026", arch="classic").arch == "classic"
+    with pytest.raises(RunShapeError, match="horizon must be in tokens"):
+        run_shape("tiny", recipe="jan2026", total_batch_size=-1)
+    tiny = run_shape("tiny", total_batch_size=-1, num_iterations=-1, target_flops=1e12)
+    assert tiny.total_batch_size == power_lines_batch_size(1e12 / tiny.flops_per_token, 20 * run_shape(
+        "tiny", depth=12).num_params)
+    assert tiny.total_batch_size % (tiny.device_batch_size * 512) == 0
+    with pytest.raises(RunShapeError, match="unknown --recipe 'dec2099'"):
+        run_shape("gpu", recipe="dec2099")
+
+
+def test_power_lines_batch_grows_as_tokens_to_the_0_383():
+    assert power_lines_batch_size(1e9, 1e9) == 2**19
+    assert power_lines_batch_size(10e9, 1e9) == 2**20  # 10x the tokens: 2.4x the batch, rounded to a power of two
+    assert power_lines_batch_size(1e9 * 2 ** (1 / 0.383), 1e9) == 2**20
 
 
 def test_gpu_sized_defaults_stay_off_the_cpu():

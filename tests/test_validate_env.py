@@ -28,7 +28,7 @@ def test_wall_time_estimate_needs_a_known_gpu():
 
 
 def test_d20_size_and_gb10_estimate():
-    params, flops_per_token, state_bytes, optimizer_bytes = model_size(20, 65536, 2048)
+    params, flops_per_token, state_bytes, optimizer_bytes, _ = model_size(20, 65536, 2048)
     assert params == 560_988_160  # upstream's "d20 is 561M parameters"
     adamw = 2 * 65536 * 1280  # wte + lm_head
     assert optimizer_bytes == 8 * adamw + 4 * (params - adamw)

@@ -1,0 +1,150 @@
+"""
+Pretraining recipes side by side at equal FLOPs: final val bpb and tok/s of scripts.base_train
+runs on the same shards, tokenizer and validation tokens, one row per (depth, variant, seed).
+
+Baseline, measured in the same run: "nov2025", the recipe this project trained with until
+Dec 2026 (training.RECIPES). Every other variant is that recipe plus one change (its flags
+below), upstream's whole 2026 recipe ("jan2026", architecture included), and upstream nanochat
+HEAD itself when --upstream points at a checkout of it (bench/upstream.py runs its own
+base_train on our data; the row is skipped without one). The bpb column's delta is against the
+baseline's mean; the spread column is the range over seeds, so a delta smaller than the spread
+is noise.
+
+    python -m bench.recipe --depths 4 --seeds 1,2 --out bench/recipe_d4.json
+    python -m bench.recipe --depths 4,6,8 --variants nov2025,jan2026 --upstream /path/to/nanochat \\
+        --upstream-python /path/to/venv/bin/python
+
+Needs $NANOCHAT_BASE_DIR (or --base-dir) with base_data/ and a trained tokenizer, e.g. after
+`bash speedrun_dgx.sh --tiny --only tokenizer`. Runs write their checkpoints to a scratch dir.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# flags on top of the shared command; "nov2025" is today's recipe
+VARIANTS = {
+    "nov2025": [],
+    "+polar_express": ["--orthogonalizer", "polar_express"],
+    "+normuon": ["--normuon-beta2", "0.9"],
+    "+cautious_wd": ["--weight-decay", "0.2"],
+    "+lrs": ["--embedding-lr", "0.3", "--unembedding-lr", "0.008"],
+    "+schedule": ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
+    "+modern_arch": ["--arch", "modern"],
+    "jan2026": ["--recipe", "jan2026"],  # its own batch (Power Lines) and LR-by-batch scaling
+}
+# FLOPs per run at each depth: about 2-4 minutes each on a 2-core CPU
+DEFAULT_FLOPS = {2: 5e12, 4: 2e13, 6: 4e13, 8: 6e13}
+MAX_SEQ_LEN = 512
+TOTAL_BATCH_SIZE = 8192  # the tiny preset's, today's CPU recipe (Power Lines variants choose their own)
+DEVICE_BATCH_SIZE = 8
+EVAL_TOKENS = 65536
+
+
+def parse_base_train(output, tokens_per_step=None):
+    """{val_bpb, steps, tok_s, losses} from base_train's stdout. tok_s: median over the steps
+    after the first two (allocator warm-up) of tokens per step / dt. Raises ValueError when the
+    output has no final val bpb."""
+    bpbs = re.findall(r"^step (\d+) \| val bpb ([\d.]+)", output, re.M)
+    if not bpbs:
+        raise ValueError("no 'val bpb' line in the output")
+    steps = re.findall(r"^step (\d+)/(\d+) .*\| loss ([\d.]+) .*\| dt (\d+)ms \| tok/s ([\d,]+)", output, re.M)
+    rates = [int(r[4].replace(",", "")) for r in steps[2:]] or [int(r[4].replace(",", "")) for r in steps]
+    return dict(val_bpb=float(bpbs[-1][1]), steps=int(bpbs[-1][0]), tok_s=statistics.median(rates) if rates else None,
+                losses=[float(r[2]) for r in steps])
+
+
+def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
+    """One base_train run in a scratch base dir that links base_dir's data and tokenizer. Returns
+    parse_base_train's dict plus wall_s. Raises RuntimeError with the output's tail on failure."""
+    with tempfile.TemporaryDirectory(prefix="recipe_") as scratch:
+        for name in ("base_data", "tokenizer"):
+            os.symlink(os.path.join(base_dir, name), os.path.join(scratch, name))
+        fixed_batch = "--recipe" not in variant_flags
+        cmd = [python, "-m", "scripts.base_train", "--preset", "tiny", "--depth", str(depth),
+               "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", f"{flops:g}", "--num-iterations", "-1",
+               "--eval-every", "-1", "--eval-tokens", str(EVAL_TOKENS), "--core-metric-every", "-1",
+               "--sample-every", "-1", "--save-every", "-1", "--keep-checkpoints", "1", "--seed", str(seed),
+               "--model-tag", "bench"]
+        cmd += (["--total-batch-size", str(TOTAL_BATCH_SIZE), "--device-batch-size", str(DEVICE_BATCH_SIZE)]
+                if fixed_batch else ["--total-batch-size", "-1"])
+        t0 = time.time()
+        proc = subprocess.run(cmd + variant_flags, env={**os.environ, "NANOCHAT_BASE_DIR": scratch},
+                              capture_output=True, text=True, timeout=timeout_s,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if proc.returncode != 0:
+            raise RuntimeError(f"base_train failed ({' '.join(variant_flags) or 'baseline'}):\n"
+                               + (proc.stdout + proc.stderr)[-3000:])
+        result = parse_base_train(proc.stdout)
+        batch = re.search(r"^batch: ([\d,]+) tokens per step", proc.stdout, re.M)
+        result.update(wall_s=time.time() - t0, total_batch_size=int(batch.group(1).replace(",", "")))
+        return result
+
+
+def summarize(rows, baseline="nov2025"):
+    """Markdown table: per depth and variant, mean final val bpb, spread over seeds, delta vs the
+    baseline's mean, tok/s (median over seeds), steps, batch."""
+    lines = ["| depth | variant | seeds | val bpb (mean) | spread | vs nov2025 | tok/s | steps | batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for depth in sorted({r["depth"] for r in rows}):
+        at_depth = [r for r in rows if r["depth"] == depth]
+        base = [r["val_bpb"] for r in at_depth if r["variant"] == baseline]
+        base_mean = statistics.mean(base) if base else None
+        for variant in dict.fromkeys(r["variant"] for r in at_depth):
+            rs = [r for r in at_depth if r["variant"] == variant]
+            bpb = [r["val_bpb"] for r in rs]
+            mean = statistics.mean(bpb)
+            delta = f"{mean - base_mean:+.4f}" if base_mean is not None and variant != baseline else ""
+            tok_s = statistics.median(r["tok_s"] for r in rs if r["tok_s"]) if any(r["tok_s"] for r in rs) else 0
+            lines.append(f"| d{depth} | {variant} | {len(rs)} | {mean:.4f} | {max(bpb) - min(bpb):.4f} | {delta} | "
+                         f"{tok_s:,.0f} | {rs[0]['steps']} | {rs[0]['total_batch_size']:,} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Pretraining recipes at equal FLOPs: val bpb and tok/s")
+    parser.add_argument("--depths", default="4,6,8")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="1,2", help="init seeds; each variant runs once per seed")
+    parser.add_argument("--flops", type=float, default=None, help="training FLOPs per run (default: per depth)")
+    parser.add_argument("--base-dir", default=os.environ.get("NANOCHAT_BASE_DIR"), help="with base_data/ and tokenizer/")
+    parser.add_argument("--upstream", default=None, help="a checkout of upstream nanochat: adds its row")
+    parser.add_argument("--upstream-python", default=sys.executable, help="the interpreter of upstream's environment")
+    parser.add_argument("--out", default=None, help="JSON of every run, rewritten after each")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    args = parser.parse_args()
+    if not args.base_dir or not os.path.isdir(os.path.join(args.base_dir, "tokenizer")):
+        sys.exit("bench.recipe: set NANOCHAT_BASE_DIR (or --base-dir) to a base dir with base_data/ and a trained "
+                 "tokenizer/, e.g. after `bash speedrun_dgx.sh --tiny --only tokenizer`")
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            sys.exit(f"bench.recipe: unknown variant {v!r}; pick from {', '.join(VARIANTS)}")
+    rows = []
+    for depth in [int(d) for d in args.depths.split(",")]:
+        flops = args.flops or DEFAULT_FLOPS[depth]
+        jobs = [(v, seed) for v in variants for seed in [int(s) for s in args.seeds.split(",")]]
+        if args.upstream:
+            jobs.append(("upstream HEAD", None))
+        for variant, seed in jobs:
+            if variant == "upstream HEAD":
+                from bench.upstream import run_upstream_base_train
+                result = run_upstream_base_train(args.upstream, args.base_dir, python=args.upstream_python,
+                                                 depth=depth, max_seq_len=MAX_SEQ_LEN, target_flops=flops,
+                                                 eval_tokens=EVAL_TOKENS, timeout_s=args.timeout)
+            else:
+                result = run_variant(sys.executable, args.base_dir, depth, flops, VARIANTS[variant], seed, args.timeout)
+            rows.append(dict(depth=depth, variant=variant, seed=seed, flops=flops, **result))
+            print(f"d{depth} {variant:16s} seed {seed} | val bpb {result['val_bpb']:.4f} | steps {result['steps']} | "
+                  f"tok/s {result['tok_s'] or 0:,.0f} | {result['wall_s']:.0f} s", flush=True)
+            if args.out:
+                with open(args.out + ".tmp", "w") as f:
+                    json.dump(rows, f, indent=1)
+                os.replace(args.out + ".tmp", args.out)
+    print(summarize(rows))
