@@ -37,6 +37,7 @@ VARIANTS = {
     "+lrs": ["--embedding-lr", "0.3", "--unembedding-lr", "0.008"],
     "+schedule": ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
     "+modern_arch": ["--arch", "modern"],
+    "+bestfit": ["--packing", "bestfit"],
     "jan2026": ["--recipe", "jan2026"],  # its own batch (Power Lines) and LR-by-batch scaling
 }
 # FLOPs per run at each depth: about 2-4 minutes each on a 2-core CPU

@@ -2,15 +2,21 @@
 Streaming pretraining data loader: parquet shards -> tokens -> (B, T) int64 inputs/targets.
 
 Documents are read row group by row group with pyarrow, tokenized on the fly in batches
-(several threads), each prefixed with <|bos|>, and concatenated into one token stream that
-is cut into (B, T) batches. Under DDP, rank r of W reads row groups r, r+W, r+2W, ... of
-every shard, so ranks see disjoint documents. Every batch comes with a small state dict
-from which a new loader resumes exactly where this one stopped.
+(several threads), each prefixed with <|bos|>. Two ways to make (B, T) batches of them:
+- tokenizing_distributed_data_loader: one concatenated token stream cut into rows (every
+  token is trained on; a row may start in the middle of a document);
+- bos_bestfit_data_loader: every row starts at a document's <|bos|> and holds whole documents
+  picked best-fit from a pool, the last one cropped to fill the row (no padding; the crop's
+  tail is dropped). Upstream nanochat's BestFit-Crop (dev/LOG.md 2026-01-13).
+Under DDP, rank r of W reads row groups r, r+W, r+2W, ... of every shard, so ranks see
+disjoint documents. Every batch comes with a small state dict from which a new loader resumes
+exactly where this one stopped.
 
 Not for: chat/SFT data (those are `Task`s rendered by the tokenizer) or downloading
 shards (nanochat/dataset.py).
 """
 
+import bisect
 from array import array
 from collections import deque
 from itertools import islice
@@ -115,16 +121,7 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
 
     start = {"epoch": 0, "shard_index": 0, "row_group_index": rank, "doc_index": 0, "token_offset": 0}
     if loader_state is not None:
-        missing = [k for k in STATE_KEYS if k not in loader_state]
-        if missing:
-            raise ValueError(f"dataloader resume state lacks {missing}; it was not made by this loader")
-        if (loader_state["rank"], loader_state["world_size"]) != (rank, world_size):
-            raise ValueError(
-                f"dataloader resume state is for rank {loader_state['rank']} of {loader_state['world_size']}, "
-                f"but this is rank {rank} of {world_size}; resume with the same number of processes")
-        if loader_state["shard_index"] >= len(paths):
-            raise ValueError(f"dataloader resume state points at {split} shard {loader_state['shard_index']} but "
-                             f"there are only {len(paths)}; the shards in base_data/ changed since the checkpoint")
+        _check_resume_state(loader_state, STATE_KEYS, rank, world_size, paths, split)
         start = {k: int(loader_state[k]) for k in start}
 
     documents = _iter_documents(paths, rank, world_size, start["epoch"], start["shard_index"],
@@ -165,6 +162,117 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer_threads=4, tokeniz
             scratch = scratch.pin_memory()  # page-locked, so the copies below run asynchronously
         inputs = scratch[:-1].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
         targets = scratch[1:].view(B, T).to(device, non_blocking=use_cuda)  # (B, T)
+        yield inputs, targets, state
+
+
+def _check_resume_state(loader_state, keys, rank, world_size, paths, split):
+    """Raise ValueError when loader_state was not made by a loader with these keys, rank and shards."""
+    missing = [k for k in keys if k not in loader_state]
+    if missing:
+        raise ValueError(f"dataloader resume state lacks {missing}; it was not made by this loader")
+    if (loader_state["rank"], loader_state["world_size"]) != (rank, world_size):
+        raise ValueError(
+            f"dataloader resume state is for rank {loader_state['rank']} of {loader_state['world_size']}, "
+            f"but this is rank {rank} of {world_size}; resume with the same number of processes")
+    if loader_state["shard_index"] >= len(paths):
+        raise ValueError(f"dataloader resume state points at {split} shard {loader_state['shard_index']} but "
+                         f"there are only {len(paths)}; the shards in base_data/ changed since the checkpoint")
+
+
+BESTFIT_STATE_KEYS = ("epoch", "shard_index", "row_group_index", "doc_index", "documents_read", "pool",
+                      "rank", "world_size")
+
+
+def bos_bestfit_data_loader(B, T, split, pool_size=1000, tokenizer_threads=4, tokenizer_batch_size=128,
+                            device="cuda", loader_state=None, tokenizer=None, rank=None, world_size=None):
+    """Yield (inputs, targets, loader_state) forever: B rows that each start with a document's <|bos|>.
+
+    Each row is T + 1 tokens (inputs row[:-1], targets row[1:], both (B, T) int64 on `device`),
+    filled from a pool of at least pool_size tokenized documents: repeatedly the longest document
+    that fits the space left (the earliest read among equal lengths), and when none fits, the
+    earliest-read document of the pool cropped to the space left (its tail is dropped, so a row
+    never starts mid-document). Taking the earliest for the crop keeps every document's wait
+    bounded, and long documents (> T + 1 tokens) are used as crops. The pool is topped up with
+    tokenizer_batch_size documents at a time before each row while it holds fewer than pool_size.
+
+    loader_state (plain ints and a list, JSON-able): the position (epoch, shard_index,
+    row_group_index, doc_index) of the earliest-read document still in the pool, documents_read
+    (how many documents from that one on have been read), pool (the indices, counted from that
+    document, of those still in the pool), rank and world_size. Resuming re-reads those
+    documents and tokenizes the pool's again, so every later batch equals the uninterrupted
+    loader's. Other arguments and errors: as tokenizing_distributed_data_loader.
+    """
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    assert 0 <= rank < world_size and pool_size >= 1
+    paths = _split_paths(split)
+    if tokenizer is None:
+        tokenizer = get_tokenizer()
+    bos = tokenizer.get_bos_token_id()
+    start = {"epoch": 0, "shard_index": 0, "row_group_index": rank, "doc_index": 0}
+    if loader_state is not None:
+        _check_resume_state(loader_state, BESTFIT_STATE_KEYS, rank, world_size, paths, split)
+        start = {k: int(loader_state[k]) for k in start}
+    documents = _iter_documents(paths, rank, world_size, *start.values())
+    # The pool: ordinal (documents read before it, counted from the first document this loader
+    # read) -> (position, token ids), in reading order; by_length: sorted (length, ordinal) of the same
+    pool, by_length, read = {}, [], 0
+
+    def add(ordinal, position, ids):
+        pool[ordinal] = (position, ids)
+        bisect.insort(by_length, (len(ids), ordinal))
+
+    def take(ordinal):
+        _, ids = pool.pop(ordinal)
+        del by_length[bisect.bisect_left(by_length, (len(ids), ordinal))]
+        return ids
+
+    def fill_pool():
+        nonlocal read
+        while len(pool) < pool_size:
+            batch = list(islice(documents, tokenizer_batch_size))
+            for (position, _), ids in zip(batch, tokenizer.encode([text for _, text in batch], prepend=bos,
+                                                                  num_threads=tokenizer_threads)):
+                add(read, position, ids)
+                read += 1
+
+    if loader_state is not None:  # rebuild the pool: re-read the documents, tokenize the pool's again
+        batch = list(islice(documents, int(loader_state["documents_read"])))
+        keep = [i for i in loader_state["pool"] if i < len(batch)]
+        if len(batch) < loader_state["documents_read"] or len(keep) != len(loader_state["pool"]) or (
+                keep and batch[0][0] != tuple(start.values())):
+            raise ValueError(f"dataloader resume state points at documents from {tuple(start.values())} (epoch, shard, "
+                             "row group, doc) that do not exist; the shards changed since the checkpoint")
+        for i, ids in zip(keep, tokenizer.encode([batch[i][1] for i in keep], prepend=bos,
+                                                 num_threads=tokenizer_threads)):
+            add(i, batch[i][0], ids)
+        read = len(batch)
+    use_cuda = torch.device(device).type == "cuda"
+    while True:
+        rows = array("q")  # B * (T + 1) int64
+        for _ in range(B):
+            fill_pool()
+            space = T + 1
+            while space > 0:
+                i = bisect.bisect_right(by_length, (space, read)) - 1
+                if i >= 0:  # the longest document that fits, the earliest read of that length
+                    i = bisect.bisect_left(by_length, (by_length[i][0], -1))
+                    ids = take(by_length[i][1])
+                else:  # nothing fits: crop the earliest-read document
+                    ids = take(next(iter(pool)))[:space]
+                rows.extend(ids)
+                space -= len(ids)
+        fill_pool()  # so the state below can point at a document of the pool
+        first = next(iter(pool))  # the earliest-read document left: where a resume starts reading
+        (epoch, shard_index, row_group_index, doc_index), _ = pool[first]
+        state = {"epoch": epoch, "shard_index": shard_index, "row_group_index": row_group_index,
+                 "doc_index": doc_index, "documents_read": read - first, "pool": [i - first for i in pool],
+                 "rank": rank, "world_size": world_size}
+        scratch = torch.frombuffer(rows, dtype=torch.long).view(B, T + 1)
+        if use_cuda:
+            scratch = scratch.pin_memory()
+        inputs = scratch[:, :-1].to(device, non_blocking=use_cuda)  # (B, T)
+        targets = scratch[:, 1:].to(device, non_blocking=use_cuda)  # (B, T)
         yield inputs, targets, state
 
 

@@ -134,21 +134,22 @@ RECIPES = {
         warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
         momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
         # horizon: 20 tokens per parameter, all parameters counted (Chinchilla); a fixed batch
-        param_count="all", target_param_data_ratio=20.0, total_batch_size=524288,
+        param_count="all", target_param_data_ratio=20.0, total_batch_size=524288, packing="stream",
     ),
     # upstream's 2026 recipe: Polar Express + NorMuon + cautious weight decay (0.2 at d12, x 1/width²,
     # dev/LOG.md 2026-01-10), the retuned learning rates and betas (2026-01-19..22), warmup 40
     # steps, a warmdown over 65% of the run to 5%, Muon momentum 0.85 -> 0.97 over 400 steps and
     # back to 0.90 over the warmdown; LRs x sqrt(B / 2^19) when the batch differs from the d12
     # reference (2026-02-05); the batch from the horizon by Power Lines; 12 tokens per matmul
-    # parameter (its compute-optimal ratio for this count, measured by upstream's scaling sweeps).
+    # parameter (its compute-optimal ratio for this count, measured by upstream's scaling sweeps);
+    # training rows packed BOS-aligned best-fit (dataloader.bos_bestfit_data_loader, 2026-01-13).
     "jan2026": dict(
         arch="modern", orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.2,
         embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
         adam_betas=(0.8, 0.96), embedding_betas=(0.8, 0.995), x0_beta1=0.96,
         warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05, lr_batch_scaling=True,
         momentum_ramp=(0.85, 0.97, 400), momentum_warmdown_end=0.90,
-        param_count="matmul", target_param_data_ratio=12.0, total_batch_size=-1,
+        param_count="matmul", target_param_data_ratio=12.0, total_batch_size=-1, packing="bestfit",
     ),
 }
 WEIGHT_DECAY_REFERENCE_DEPTH = 12  # recipes give --weight-decay at d12; it scales as (12 / depth)^2

@@ -25,7 +25,7 @@ from nanochat.checkpoint_manager import (capture_rng_state, load_training_state,
                                          save_training_state)
 from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
-from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
+from nanochat.dataloader import bos_bestfit_data_loader, tokenizing_distributed_data_loader, without_state
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.fp8 import convert_blocks_to_fp8, fp8_unsupported_reason
@@ -74,6 +74,8 @@ parser.add_argument("--weight-decay", type=float, default=None,
                     help="Muon cautious weight decay at d12, x (12/depth)^2, ramped linearly to 0 (0: off)")
 parser.add_argument("--lr-batch-scaling", action=argparse.BooleanOptionalAction, default=None,
                     help="scale the LRs by sqrt(total batch / 2^19)")
+parser.add_argument("--packing", default=None, choices=["stream", "bestfit"],
+                    help="training rows: one document stream cut into rows, or BOS-aligned best-fit (val: always stream)")
 parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
 parser.add_argument("--warmup-steps", type=int, default=None, help="steps of linear LR warmup")
 parser.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of steps with linear LR warmdown")
@@ -192,17 +194,21 @@ last_saved_step = start_step if start_step > 0 else None  # where an out-of-memo
 if stage.use_compile:
     model = torch.compile(model, dynamic=False)  # every batch has the same (B, T) shape
 
-# Data
+# Data. The validation rows are always the plain stream, so val bpb compares across packings.
 def build_train_loader(loader_state):
-    return PrefetchingLoader(tokenizing_distributed_data_loader(
-        device_batch_size, shape.max_seq_len, "train", device=device, loader_state=loader_state), loader_state)
+    make_loader = bos_bestfit_data_loader if recipe["packing"] == "bestfit" else tokenizing_distributed_data_loader
+    return PrefetchingLoader(make_loader(device_batch_size, shape.max_seq_len, "train", device=device,
+                                         loader_state=loader_state), loader_state)
 
 
 def build_val_loader():
     return without_state(tokenizing_distributed_data_loader(device_batch_size, shape.max_seq_len, "val", device=device))
 
 
-train_batches = build_train_loader(loader_state)
+try:
+    train_batches = build_train_loader(loader_state)
+except ValueError as e:  # a resume state of the other packing, or shards that changed
+    sys.exit(f"base_train: cannot resume the data loader: {e}")
 
 
 # -----------------------------------------------------------------------------

@@ -218,13 +218,15 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     assert os.path.exists(os.path.join(base, "report", "base-model-loss.md"))
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("recipe", ["nov2025", "jan2026"])
+def test_killed_run_resumes_bit_identical(tmp_path, recipe):
     straight = make_base_dir(str(tmp_path / "straight"))
     killed = make_base_dir(str(tmp_path / "killed"))
-    reference = run_train(straight, *train_args())
+    args = [*train_args(), f"--recipe={recipe}"]  # jan2026: modern arch, NorMuon and scheduled weight decay too
+    reference = run_train(straight, *args)
 
     # start the same run, SIGKILL it as soon as the step-4 checkpoint is complete, then resume
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *train_args()], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO,
                             env=run_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = os.path.join(killed, "base_checkpoints", "d2", "meta_000004.json")
     deadline = time.time() + 300
@@ -233,7 +235,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(meta)
-    resumed = run_train(killed, *train_args(), "--resume")
+    resumed = run_train(killed, *args, "--resume")
     first_resumed = min(losses(resumed.stdout))
     assert first_resumed <= 12
     ref_loss, res_loss = losses(reference.stdout), losses(resumed.stdout)

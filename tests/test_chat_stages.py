@@ -2,7 +2,7 @@
 scripts/mid_train.py and scripts/chat_sft.py on CPU with the offline task data: each trains
 from the previous stage's checkpoint, lowers its validation loss, and a run resumed from an
 intermediate checkpoint ends bit-identical to the uninterrupted run; SFT prints tok/s and MFU
-per step. mid_train writes under the tag of the base model it loaded, and the identity
+per step; the base model is of the modern architecture. mid_train writes under the tag of the base model it loaded, and the identity
 conversations both stages mix in are generated when missing and taken as they are when the
 user has edited them.
 """
@@ -46,9 +46,10 @@ def assert_same_model(dir_a, dir_b, step):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A base dir with a d2 base checkpoint (and no identity conversations yet)."""
+    """A base dir with a d2 base checkpoint of the modern architecture (value embeddings and
+    per-layer scalars, which mid and SFT must carry and optimise) and no identity conversations yet."""
     base = make_base_dir(str(tmp_path_factory.mktemp("chat") / "base"))
-    run(base, "scripts.base_train", "--depth=2", "--max-seq-len=64", "--device-batch-size=2",
+    run(base, "scripts.base_train", "--depth=2", "--arch=modern", "--max-seq-len=64", "--device-batch-size=2",
         "--total-batch-size=128", "--num-iterations=4", "--eval-every=-1", "--eval-tokens=128",
         "--sample-every=-1", "--core-metric-every=-1")
     return base

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.dataloader import tokenizing_distributed_data_loader, without_state
+import json
+
+from nanochat.dataloader import bos_bestfit_data_loader, tokenizing_distributed_data_loader, without_state
 
 BOS = 256
 ROWS_PER_GROUP = 3
@@ -208,3 +210,83 @@ def test_cuda_batches_match_cpu_batches(shards):
                                                   rank=0, world_size=1, tokenizer_batch_size=2), 5)
     for (x, y, s), (gx, gy, gs) in zip(cpu, gpu):
         assert gx.device.type == "cuda" and torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu()) and s == gs
+
+
+# ---- BOS-aligned best-fit packing ------------------------------------------------------------
+
+def make_bestfit(B=2, T=16, **kwargs):
+    kwargs.setdefault("tokenizer", ByteTokenizer())
+    kwargs.setdefault("rank", 0)
+    kwargs.setdefault("world_size", 1)
+    kwargs.setdefault("tokenizer_batch_size", 2)
+    kwargs.setdefault("pool_size", 4)
+    return bos_bestfit_data_loader(B, T, "train", device="cpu", **kwargs)
+
+
+def split_documents(row):
+    """A row's tokens cut at every BOS: the documents (or crops) it holds."""
+    docs = []
+    for token in row:
+        if token == BOS:
+            docs.append([])
+        docs[-1].append(token)
+    return docs
+
+
+def test_bestfit_rows_start_with_bos_and_hold_whole_documents_but_the_last(shards):
+    B, T = 2, 16
+    whole = {tuple([BOS] + list(doc.encode("utf-8"))) for groups in shards[:-1] for group in groups for doc in group}
+    cropped = 0
+    for inputs, targets, _ in take(make_bestfit(B, T), 12):
+        assert inputs.shape == targets.shape == (B, T) and inputs.dtype == torch.long
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets: the next token of the same row
+        for b in range(B):
+            row = inputs[b].tolist() + [targets[b, -1].item()]  # the T + 1 tokens of the row
+            assert row[0] == BOS  # every row starts at a document boundary
+            docs = split_documents(row)
+            assert all(tuple(d) in whole for d in docs[:-1])  # only the row's last document may be cropped
+            last = tuple(docs[-1])
+            assert last in whole or any(doc[:len(last)] == last for doc in whole)
+            cropped += last not in whole
+    assert cropped > 0  # these documents (up to 29 tokens) do not all fit 17-token rows whole
+
+
+def test_bestfit_packs_the_longest_fitting_document_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    (tmp_path / "base_data").mkdir()
+    texts = ["a" * 3, "b" * 9, "c" * 5, "d" * 30, "e" * 2]
+    for shard in range(2):
+        pq.write_table(pa.table({"text": texts}), tmp_path / "base_data" / f"shard_{shard:05d}.parquet")
+    loader = make_bestfit(B=2, T=15, pool_size=5, tokenizer_batch_size=5)
+    inputs, targets, _ = next(loader)
+    rows = [[chr(d[1]) * (len(d) - 1) for d in split_documents(inputs[b].tolist() + [targets[b, -1].item()])]
+            for b in range(2)]
+    # 16 tokens per row. Row 1: b (10 with BOS) + c (6), exactly full. Row 2, pool a d e + the next
+    # epoch's a b c d e: b (10), then c (6) again: the longest that fits, nothing cropped
+    assert rows == [["b" * 9, "c" * 5], ["b" * 9, "c" * 5]]
+    inputs, targets, _ = next(loader)
+    row = inputs[0].tolist() + [targets[0, -1].item()]
+    # pool a d e a d e (+ a b c d e): no b/c left to fit exactly: a (4) + a (4) + e (3) + e (3) = 14,
+    # then nothing of <= 2 tokens fits, so the earliest-read document (d) is cropped to 2
+    assert [chr(d[1]) for d in split_documents(row)] == ["a", "a", "e", "e", "d"]
+
+
+def test_bestfit_resumes_exactly_from_any_batch(shards):
+    reference = take(make_bestfit(), 14)
+    for k in (1, 5, 9):
+        state = json.loads(json.dumps(reference[k - 1][2]))  # a checkpoint stores it as JSON
+        resumed = take(make_bestfit(loader_state=state), 14 - k)
+        for (a_in, a_tg, a_state), (b_in, b_tg, b_state) in zip(reference[k:], resumed):
+            assert torch.equal(a_in, b_in) and torch.equal(a_tg, b_tg) and a_state == b_state
+
+
+def test_bestfit_resume_state_from_elsewhere_is_refused(shards):
+    state = take(make_bestfit(), 3)[-1][2]
+    with pytest.raises(ValueError, match="rank 0 of 1, but this is rank 1 of 2"):
+        next(make_bestfit(loader_state=state, rank=1, world_size=2))
+    with pytest.raises(ValueError, match="lacks"):
+        next(make_bestfit(loader_state={k: v for k, v in state.items() if k != "pool"}))
+    with pytest.raises(ValueError, match="do not exist"):
+        next(make_bestfit(loader_state=dict(state, doc_index=999)))  # the shards changed under the checkpoint
+    with pytest.raises(ValueError, match="only 2"):
+        next(make_bestfit(loader_state=dict(state, shard_index=7)))
