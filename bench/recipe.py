@@ -10,6 +10,14 @@ base_train on our data; the row is skipped without one). The bpb column's delta 
 baseline's mean; the spread column is the range over seeds, so a delta smaller than the spread
 is noise.
 
+Two validation numbers per run, on the last shard's first EVAL_TOKENS tokens: "val bpb", rows cut
+from the document stream (what base_train prints), and "best-fit val bpb", rows packed
+BOS-aligned best-fit (dataloader.bos_bestfit_data_loader), the way upstream HEAD evaluates. Only
+the second compares with upstream's row, whose number is its own best-fit rows (it crops the
+shortest document where ours crops the earliest read, so the rows differ slightly). Every run
+of ours is eager (--no-compile), so tok/s compares recipes, not compilation; bench/RESULTS.md
+has the compiled numbers from bench.train_throughput and base_train.
+
     python -m bench.recipe --depths 4 --seeds 1,2 --out bench/recipe_d4.json
     python -m bench.recipe --depths 4,6,8 --variants nov2025,jan2026 --upstream /path/to/nanochat \\
         --upstream-python /path/to/venv/bin/python
@@ -61,9 +69,31 @@ def parse_base_train(output, tokens_per_step=None):
                 losses=[float(r[2]) for r in steps])
 
 
+def evaluate_bestfit_bpb(base_dir, eval_tokens):
+    """Bits per byte of the last base checkpoint in base_dir on best-fit packed validation rows
+    (MAX_SEQ_LEN tokens, DEVICE_BATCH_SIZE rows per pass, pool 1000 as upstream's buffer)."""
+    import torch
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataloader import bos_bestfit_data_loader, without_state
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    previous = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = base_dir
+    try:
+        model, tokenizer, _ = load_model("base", torch.device("cpu"), phase="eval")
+        batches = without_state(bos_bestfit_data_loader(DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "val", device="cpu",
+                                                        tokenizer=tokenizer, rank=0, world_size=1))
+        return evaluate_bpb(model, batches, eval_tokens // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN), get_token_bytes("cpu"))
+    finally:
+        os.environ["NANOCHAT_BASE_DIR"] = previous or ""
+        if previous is None:
+            del os.environ["NANOCHAT_BASE_DIR"]
+
+
 def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
     """One base_train run in a scratch base dir that links base_dir's data and tokenizer. Returns
-    parse_base_train's dict plus wall_s. Raises RuntimeError with the output's tail on failure."""
+    parse_base_train's dict plus wall_s, total_batch_size and bestfit_val_bpb. Raises RuntimeError
+    with the output's tail on failure."""
     with tempfile.TemporaryDirectory(prefix="recipe_") as scratch:
         for name in ("base_data", "tokenizer"):
             os.symlink(os.path.join(base_dir, name), os.path.join(scratch, name))
@@ -72,7 +102,7 @@ def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
                "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", f"{flops:g}", "--num-iterations", "-1",
                "--eval-every", "-1", "--eval-tokens", str(EVAL_TOKENS), "--core-metric-every", "-1",
                "--sample-every", "-1", "--save-every", "-1", "--keep-checkpoints", "1", "--seed", str(seed),
-               "--model-tag", "bench"]
+               "--model-tag", "bench", "--no-compile"]
         cmd += (["--total-batch-size", str(TOTAL_BATCH_SIZE), "--device-batch-size", str(DEVICE_BATCH_SIZE)]
                 if fixed_batch else ["--total-batch-size", "-1"])
         t0 = time.time()
@@ -85,25 +115,28 @@ def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
         result = parse_base_train(proc.stdout)
         batch = re.search(r"^batch: ([\d,]+) tokens per step", proc.stdout, re.M)
         result.update(wall_s=time.time() - t0, total_batch_size=int(batch.group(1).replace(",", "")))
+        result["bestfit_val_bpb"] = evaluate_bestfit_bpb(scratch, EVAL_TOKENS)
         return result
 
 
 def summarize(rows, baseline="nov2025"):
     """Markdown table: per depth and variant, mean final val bpb, spread over seeds, delta vs the
     baseline's mean, tok/s (median over seeds), steps, batch."""
-    lines = ["| depth | variant | seeds | val bpb (mean) | spread | vs nov2025 | tok/s | steps | batch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| depth | variant | seeds | val bpb (mean) | spread | vs nov2025 | best-fit val bpb | tok/s | steps | batch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for depth in sorted({r["depth"] for r in rows}):
         at_depth = [r for r in rows if r["depth"] == depth]
-        base = [r["val_bpb"] for r in at_depth if r["variant"] == baseline]
+        base = [r["val_bpb"] for r in at_depth if r["variant"] == baseline and r["val_bpb"] is not None]
         base_mean = statistics.mean(base) if base else None
         for variant in dict.fromkeys(r["variant"] for r in at_depth):
             rs = [r for r in at_depth if r["variant"] == variant]
-            bpb = [r["val_bpb"] for r in rs]
-            mean = statistics.mean(bpb)
-            delta = f"{mean - base_mean:+.4f}" if base_mean is not None and variant != baseline else ""
+            bpb = [r["val_bpb"] for r in rs if r["val_bpb"] is not None]
+            mean = f"{statistics.mean(bpb):.4f}" if bpb else "n/a"
+            spread = f"{max(bpb) - min(bpb):.4f}" if bpb else ""
+            delta = f"{statistics.mean(bpb) - base_mean:+.4f}" if bpb and base_mean and variant != baseline else ""
+            bestfit = statistics.mean(r["bestfit_val_bpb"] for r in rs)
             tok_s = statistics.median(r["tok_s"] for r in rs if r["tok_s"]) if any(r["tok_s"] for r in rs) else 0
-            lines.append(f"| d{depth} | {variant} | {len(rs)} | {mean:.4f} | {max(bpb) - min(bpb):.4f} | {delta} | "
+            lines.append(f"| d{depth} | {variant} | {len(rs)} | {mean} | {spread} | {delta} | {bestfit:.4f} | "
                          f"{tok_s:,.0f} | {rs[0]['steps']} | {rs[0]['total_batch_size']:,} |")
     return "\n".join(lines)
 
@@ -134,16 +167,22 @@ if __name__ == "__main__":
         if args.upstream:
             jobs.append(("upstream HEAD", None))
         for variant, seed in jobs:
-            if variant == "upstream HEAD":
+            if variant == "upstream HEAD":  # its recipe at our batch; its val rows are best-fit packed
                 from bench.upstream import run_upstream_base_train
-                result = run_upstream_base_train(args.upstream, args.base_dir, python=args.upstream_python,
-                                                 depth=depth, max_seq_len=MAX_SEQ_LEN, target_flops=flops,
-                                                 eval_tokens=EVAL_TOKENS, timeout_s=args.timeout)
+                r = run_upstream_base_train(args.upstream, args.base_dir, python=args.upstream_python, depth=depth,
+                                            max_seq_len=MAX_SEQ_LEN, device_batch_size=DEVICE_BATCH_SIZE,
+                                            total_batch_size=TOTAL_BATCH_SIZE, num_iterations=-1,
+                                            eval_tokens=EVAL_TOKENS, eval_every=10**9,  # step 0 and the last
+                                            extra_args=(f"--target-flops={flops:g}",),
+                                            timeout_s=args.timeout)
+                result = dict(val_bpb=None, bestfit_val_bpb=r["val_bpb"], steps=r["num_steps"], tok_s=r["tok_s"],
+                              losses=r["losses"], wall_s=r["wall_s"], total_batch_size=TOTAL_BATCH_SIZE)
             else:
                 result = run_variant(sys.executable, args.base_dir, depth, flops, VARIANTS[variant], seed, args.timeout)
             rows.append(dict(depth=depth, variant=variant, seed=seed, flops=flops, **result))
-            print(f"d{depth} {variant:16s} seed {seed} | val bpb {result['val_bpb']:.4f} | steps {result['steps']} | "
-                  f"tok/s {result['tok_s'] or 0:,.0f} | {result['wall_s']:.0f} s", flush=True)
+            print(f"d{depth} {variant:16s} seed {seed} | val bpb {result['val_bpb'] or float('nan'):.4f} | best-fit "
+                  f"{result['bestfit_val_bpb']:.4f} | steps {result['steps']} | tok/s {result['tok_s'] or 0:,.0f} | "
+                  f"{result['wall_s']:.0f} s", flush=True)
             if args.out:
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(rows, f, indent=1)

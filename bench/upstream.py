@@ -150,7 +150,8 @@ def run_upstream_base_train(upstream_dir, base_dir, *, python=sys.executable, de
 
 if __name__ == "__main__":
     from nanochat.common import get_base_dir
-    parser = argparse.ArgumentParser(description="Run upstream nanochat's base_train on our shards and tokenizer")
+    parser = argparse.ArgumentParser(description="Run upstream nanochat's base_train on our shards and "
+                                     "tokenizer ($NANOCHAT_BASE_DIR); any other flag goes to base_train")
     parser.add_argument("--upstream-dir", required=True, help="root of an upstream nanochat checkout")
     parser.add_argument("--python", default=sys.executable, help="interpreter with upstream's dependencies")
     parser.add_argument("--depth", type=int, default=4)

@@ -36,7 +36,7 @@ from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_sha
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (RECIPES, REFERENCE_BATCH_SIZE, LossLog, PrefetchingLoader, ProgressMeter,
                                get_lr_multiplier, get_muon_momentum, halve_device_batch, resolve_recipe,
-                               scaled_weight_decay, setup_stage, should_save, train_step)
+                               scaled_weight_decay, setup_stage, should_compile, should_save, train_step)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -93,7 +93,7 @@ parser.add_argument("--keep-checkpoints", type=int, default=KEEP_CHECKPOINTS,
 parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="continue from this checkpoint step")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
+                    help="torch.compile the model (default: on for CUDA, and on a CPU for runs of 100+ steps)")
 parser.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
 parser.add_argument("--fp8", action="store_true",
                     help="train the block matrices in fp8 (torchao, tensorwise; GPUs of sm_89 and newer)")
@@ -125,6 +125,10 @@ try:
 except RunShapeError as e:
     sys.exit(f"base_train: {e}")
 user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
+if device.type == "cpu" and args.compile is None:  # a CPU compiles long runs only (training.should_compile)
+    stage.use_compile = should_compile(None, "cpu", shape.num_iterations)
+    if stage.use_compile:
+        print0(f"compile: on ({shape.num_iterations} steps on a CPU pay back the one-off compile; --no-compile to skip)")
 stage.model_tag = args.model_tag or shape.model_tag
 checkpoint_dir = stage.checkpoint_dir
 # The recipe: every optimizer and schedule setting the user left out

@@ -160,6 +160,8 @@ def test_should_save_and_should_compile():
     assert [s for s in range(4, 11) if should_save(s, 4, s == 10, 4)] == [8, 10]  # resumed at 4: not again
     assert [s for s in range(0, 11) if should_save(s, 0, s == 10, -1)] == [10]
     assert should_compile(None, "cuda") and not should_compile(None, "cpu") and not should_compile(None, "mps")
+    assert not should_compile(None, "cpu", num_iterations=99)  # a short CPU run: the compile would not pay off
+    assert should_compile(None, "cpu", num_iterations=100) == bool(shutil.which("g++") or shutil.which("c++"))
     assert should_compile(True, "cpu") and not should_compile(False, "cuda")
 
 
