@@ -9,6 +9,7 @@
 NANOCHAT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 depth=""               # empty: the preset's (nanochat/run_shape.py)
+recipe=""              # empty: the default recipe (nanochat/training.py RECIPES)
 device_batch_size=""   # empty: the preset's, or what fits the GPU
 run=dummy
 data=auto
@@ -27,6 +28,7 @@ parse_flags() {
     while [ $# -gt 0 ]; do
         case "$1" in
             --depth) depth="${2:?--depth needs a number}"; shift ;;
+            --recipe) recipe="${2:?--recipe needs a name}"; shift ;;
             --device-batch-size) device_batch_size="${2:?--device-batch-size needs a number}"; shift ;;
             --run) run="${2:?--run needs a name}"; shift ;;
             --data) data="${2:?--data needs online or offline}"; shift ;;
@@ -70,6 +72,7 @@ enter_env() {
 plan_args() {
     plan=(--preset "$preset" --nproc "$nproc" --data "$data")
     [ -n "$depth" ] && plan+=(--depth "$depth")
+    [ -n "$recipe" ] && plan+=(--recipe "$recipe")
     [ -n "$device_batch_size" ] && plan+=(--device-batch-size "$device_batch_size")
     plan+=(-- "${extra_args[@]}")
 }

@@ -28,10 +28,12 @@ from nanochat.common import ArgumentParser, autodetect_device_type, format_durat
 from nanochat.run_shape import (GPU_DEFAULTS, PRESETS, SHAPE_FLAG_TYPES, RunShapeError, cpu_matmul_flops,
                                 estimate_seconds, format_memory_candidates, run_shape, shape_flags)
 from nanochat.tokenizer import get_tokenizer
+from nanochat.training import RECIPES
 
 parser = ArgumentParser(description="Print the plan of a run (or, with --shell, its shape as bash variables)")
 parser.add_argument("--preset", default="gpu", choices=list(PRESETS))
 parser.add_argument("--depth", type=int, default=None, help="default: the preset's")
+parser.add_argument("--recipe", default=None, choices=list(RECIPES), help="default: the preset's")
 parser.add_argument("--device-batch-size", type=int, default=None, help="default: the preset's, or what fits the GPU")
 parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs)")
 parser.add_argument("--data", default="auto", choices=["auto", "online", "offline"])
@@ -50,6 +52,7 @@ shape_parser.add_argument("--compile", action=argparse.BooleanOptionalAction, de
 extra, _ = shape_parser.parse_known_args(extra_args)
 flags = {k: v for k, v in shape_flags(extra).items() if v is not None}
 flags.setdefault("depth", args.depth)
+flags.setdefault("recipe", args.recipe)
 flags.setdefault("device_batch_size", args.device_batch_size)
 # the model is sized with the trained tokenizer's vocabulary once there is one, as base_train sizes it
 try:
@@ -81,7 +84,8 @@ if args.shell:
         else:
             print(f"{name}={shlex.quote(str(value))}")
     # base_train gets the preset and the resolved device batch; it resolves the rest with run_shape itself
-    base_args = ["--preset", args.preset, "--depth", str(shape.depth), "--device-batch-size", str(shape.device_batch_size)]
+    base_args = ["--preset", args.preset, "--recipe", shape.recipe, "--depth", str(shape.depth),
+                 "--device-batch-size", str(shape.device_batch_size)]
     for name, value in [("depth", shape.depth), ("model_tag", shape.model_tag), ("seq_len", shape.max_seq_len),
                         ("vocab_size", PRESETS[args.preset]["base"]["vocab_size"]),  # what tok_train trains
                         ("device_batch_size", shape.device_batch_size),

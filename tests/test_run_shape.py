@@ -152,8 +152,11 @@ def test_shell_layer_takes_its_shape_from_python(tmp_path):
     assert out.returncode == 0, out.stderr
     model_tag, seq_len, dbs, data, base_args, mid_args = out.stdout.strip().split("|")
     assert (model_tag, seq_len, dbs, data) == ("d8", "512", "8", "offline")  # --tiny --depth 8 is a d8
-    assert base_args == "--preset tiny --depth 8 --device-batch-size 8"
+    assert base_args == "--preset tiny --recipe nov2025 --depth 8 --device-batch-size 8"
     assert mid_args.startswith("--num-iterations 12")
+    out = shell("--tiny", "--recipe", "jan2026", base_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("|")[4] == "--preset tiny --recipe jan2026 --depth 4 --device-batch-size 8"
     bad = shell("--smoke", "--device-batch-size", "3", base_dir=tmp_path)
     assert bad.returncode != 0 and "--device-batch-size 3" in bad.stderr and "Traceback" not in bad.stderr
     online = shell("--tiny", "--data", "online", base_dir=tmp_path)
