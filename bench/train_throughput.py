@@ -6,7 +6,9 @@ the model and the optimizers are measured, not the data loader.
 Baseline, measured in the same run: the eager model (no torch.compile) in the default dtype
 (bf16 autocast on CUDA sm80+, fp32 on CPU); every other mode is printed as a ratio against it:
 "compile" (torch.compile), "bf16" (bf16 autocast forced, e.g. on a CPU with AMX), "fp8"
-(compile + torchao float8 on the block matrices, CUDA sm_89+). dev/device_check.py calls
+(compile + torchao float8 on the block matrices, CUDA sm_89+), "muon_bf16" (eager, with Muon's
+orthogonalisation forced to bf16 as before Dec 2026: on a CPU without AMX that was most of a step;
+run it under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 to see such a CPU on an AMX one). dev/device_check.py calls
 measure_train_step for its GPU table.
 
     python -m bench.train_throughput --depth 4 --device-batch-size 8 --max-seq-len 512 --steps 10
@@ -17,8 +19,11 @@ import argparse
 import resource
 import time
 from contextlib import nullcontext
+from unittest import mock
 
 import torch
+
+import nanochat.muon
 
 from nanochat.common import autodetect_dtype, get_peak_flops
 from nanochat.gpt import GPT, GPTConfig
@@ -28,7 +33,7 @@ from nanochat.training import get_muon_momentum, set_lr_and_momentum
 def measure_train_step(depth, batch_size, max_seq_len, vocab_size, mode, steps=5, warmup_steps=2, device_type="cpu"):
     """Time `steps` training steps after `warmup_steps` untimed ones (compilation, allocator).
 
-    mode: "eager", "compile", "bf16" or "fp8" (see the module docstring). Returns a dict: tok_s
+    mode: "eager", "compile", "bf16", "fp8" or "muon_bf16" (see the module docstring). Returns a dict: tok_s
     (tokens per second, median step), step_s (seconds), first_step_s (the first warm-up step,
     which includes compilation), peak_allocated / peak_reserved (bytes, CUDA; None elsewhere),
     peak_rss (bytes, the process's high-water mark, off CUDA), flops_per_token, num_params,
@@ -52,6 +57,8 @@ def measure_train_step(depth, batch_size, max_seq_len, vocab_size, mode, steps=5
             raise ValueError(reason)
         convert_blocks_to_fp8(model)
     optimizers = model.setup_optimizers()
+    muon_dtype = (mock.patch.object(nanochat.muon, "orthogonalization_dtype", lambda device: torch.bfloat16)
+                  if mode == "muon_bf16" else nullcontext())
     step_model = torch.compile(model, dynamic=False) if mode in ("compile", "fp8") else model
     dtype = torch.bfloat16 if mode == "bf16" else autodetect_dtype(device_type)
     ctx = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -62,20 +69,21 @@ def measure_train_step(depth, batch_size, max_seq_len, vocab_size, mode, steps=5
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for step in range(warmup_steps + steps):
-        synchronize()
-        t0 = time.perf_counter()
-        with ctx:
-            loss = step_model(x, y)
-        loss.backward()
-        set_lr_and_momentum(optimizers, 1.0, get_muon_momentum(step))
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        synchronize()
-        times.append(time.perf_counter() - t0)
-        if step >= warmup_steps:
-            losses.append(loss.item())
+    with muon_dtype:
+        for step in range(warmup_steps + steps):
+            synchronize()
+            t0 = time.perf_counter()
+            with ctx:
+                loss = step_model(x, y)
+            loss.backward()
+            set_lr_and_momentum(optimizers, 1.0, get_muon_momentum(step))
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            synchronize()
+            times.append(time.perf_counter() - t0)
+            if step >= warmup_steps:
+                losses.append(loss.item())
     step_s = sorted(times[warmup_steps:])[steps // 2]  # median: robust to a stray slow step
     cuda = device_type == "cuda"
     return dict(tok_s=batch_size * max_seq_len / step_s, step_s=step_s, first_step_s=times[0],
@@ -95,7 +103,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--modes", default=None,
-                        help="comma list of eager,compile,bf16,fp8 (default: eager,compile on CUDA, eager,bf16 on CPU)")
+                        help="comma list of eager,compile,bf16,fp8,muon_bf16 (default: eager,compile on CUDA, "
+                             "eager,bf16 on CPU)")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
     args = parser.parse_args()
     device_type = args.device_type or autodetect_device_type()

@@ -235,7 +235,6 @@ def predict_peak_memory(depth, max_seq_len, device_batch_size, vocab_size=65536,
     Raises:
         RunShapeError: depth < 1.
     """
-    from nanochat.gpt import padded_vocab_size
     params, _, _, optimizer_bytes, matmul_params = model_size(depth, vocab_size, max_seq_len, arch)
     n_embd = 64 * depth
     key = (bool(bf16), bool(compile))
