@@ -134,7 +134,7 @@ def muon_update(params, grads, states, group):
         W -= lr * aspect_scale(W) * (O + weight_decay * W * [O * W >= 0])
     Returns a (n, rows, cols) tensor in the params' dtype.
     """
-    for p, g, state in zip(params, grads, states):
+    for g, state in zip(grads, states):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g)
         state["momentum_buffer"].lerp_(g, 1 - group["momentum"])

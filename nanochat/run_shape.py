@@ -62,7 +62,10 @@ PRESETS = {
     ),
 }
 
-POWER_LINES_REFERENCE_DEPTH = 12  # the depth whose batch upstream tuned (2^19 tokens), see power_lines_batch_size
+# upstream tuned its d12 at 2^19 tokens per step: the reference of power_lines_batch_size and of the
+# LR batch scaling (training.RECIPES' lr_batch_scaling)
+POWER_LINES_REFERENCE_DEPTH = 12
+REFERENCE_BATCH_SIZE = 2**19
 
 # Without a GPU the GPU preset's evaluation budget (20 steps of 524,288 tokens, 10.5M tokens)
 # takes hours; there a val bpb pass reads this many forward passes of the device batch.
@@ -256,7 +259,7 @@ def memory_budget(memory_bytes, unified):
     return int(FIT_FRACTION * max(memory_bytes - CUDA_CONTEXT_BYTES, 0))
 
 
-def power_lines_batch_size(tokens, reference_tokens, reference_batch_size=2**19, exponent=0.383):
+def power_lines_batch_size(tokens, reference_tokens, reference_batch_size=REFERENCE_BATCH_SIZE, exponent=0.383):
     """Tokens per optimizer step for a run of `tokens` training tokens: the power of two nearest
     (in log2) to reference_batch_size x (tokens / reference_tokens)^0.383.
 

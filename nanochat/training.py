@@ -168,7 +168,6 @@ RECIPES = {
     ),
 }
 WEIGHT_DECAY_REFERENCE_DEPTH = 12  # recipes give --weight-decay at d12; it scales as (12 / depth)^2
-REFERENCE_BATCH_SIZE = 2**19  # tokens per step upstream tuned the LRs at (d12); lr_batch_scaling's reference
 
 
 def resolve_recipe(name, **overrides):

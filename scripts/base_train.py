@@ -32,9 +32,10 @@ from nanochat.fp8 import convert_blocks_to_fp8, fp8_unsupported_reason
 from nanochat.gpt import ARCHS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.muon import ORTHOGONALIZERS
-from nanochat.run_shape import KEEP_CHECKPOINTS, PRESETS, RunShapeError, run_shape, shape_flags
+from nanochat.run_shape import (KEEP_CHECKPOINTS, PRESETS, REFERENCE_BATCH_SIZE, RunShapeError, run_shape,
+                                shape_flags)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (RECIPES, REFERENCE_BATCH_SIZE, LossLog, PrefetchingLoader, ProgressMeter,
+from nanochat.training import (RECIPES, LossLog, PrefetchingLoader, ProgressMeter,
                                get_lr_multiplier, get_muon_momentum, halve_device_batch, resolve_recipe,
                                scaled_weight_decay, setup_stage, should_compile, should_save, train_step)
 
