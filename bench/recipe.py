@@ -36,17 +36,21 @@ import sys
 import tempfile
 import time
 
-# flags on top of the shared command; "nov2025" is today's recipe
+# flags on top of the shared command: the baseline "nov2025" and each change alone on top of it, the
+# default since Dec 2026 (with and without the modern architecture), and upstream's 2026 recipe whole
+NOV2025 = ["--recipe", "nov2025"]
 VARIANTS = {
-    "nov2025": [],
-    "+polar_express": ["--orthogonalizer", "polar_express"],
-    "+normuon": ["--normuon-beta2", "0.9"],
-    "+cautious_wd": ["--weight-decay", "0.2"],
-    "+lrs": ["--embedding-lr", "0.3", "--unembedding-lr", "0.008"],
-    "+schedule": ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
-    "+modern_arch": ["--arch", "modern"],
-    "+bestfit": ["--packing", "bestfit"],
-    "jan2026": ["--recipe", "jan2026"],  # its own batch (Power Lines) and LR-by-batch scaling
+    "nov2025": NOV2025,
+    "+polar_express": NOV2025 + ["--orthogonalizer", "polar_express"],
+    "+normuon": NOV2025 + ["--normuon-beta2", "0.9"],
+    "+cautious_wd": NOV2025 + ["--weight-decay", "0.2"],
+    "+lrs": NOV2025 + ["--embedding-lr", "0.3", "--unembedding-lr", "0.008"],
+    "+schedule": NOV2025 + ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
+    "+modern_arch": NOV2025 + ["--arch", "modern"],
+    "+bestfit": NOV2025 + ["--packing", "bestfit"],
+    "dec2026": ["--recipe", "dec2026"],
+    "dec2026+modern_arch": ["--recipe", "dec2026", "--arch", "modern"],
+    "jan2026": ["--recipe", "jan2026", "--total-batch-size", "-1"],  # its own batch (Power Lines), LR x batch
 }
 # FLOPs per run at each depth: about 2-4 minutes each on a 2-core CPU
 DEFAULT_FLOPS = {2: 5e12, 4: 2e13, 6: 4e13, 8: 6e13}
@@ -97,14 +101,14 @@ def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
     with tempfile.TemporaryDirectory(prefix="recipe_") as scratch:
         for name in ("base_data", "tokenizer"):
             os.symlink(os.path.join(base_dir, name), os.path.join(scratch, name))
-        fixed_batch = "--recipe" not in variant_flags
+        fixed_batch = "--total-batch-size" not in variant_flags
         cmd = [python, "-m", "scripts.base_train", "--preset", "tiny", "--depth", str(depth),
                "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", f"{flops:g}", "--num-iterations", "-1",
                "--eval-every", "-1", "--eval-tokens", str(EVAL_TOKENS), "--core-metric-every", "-1",
                "--sample-every", "-1", "--save-every", "-1", "--keep-checkpoints", "1", "--seed", str(seed),
                "--model-tag", "bench", "--no-compile"]
-        cmd += (["--total-batch-size", str(TOTAL_BATCH_SIZE), "--device-batch-size", str(DEVICE_BATCH_SIZE)]
-                if fixed_batch else ["--total-batch-size", "-1"])
+        if fixed_batch:
+            cmd += ["--total-batch-size", str(TOTAL_BATCH_SIZE), "--device-batch-size", str(DEVICE_BATCH_SIZE)]
         t0 = time.time()
         proc = subprocess.run(cmd + variant_flags, env={**os.environ, "NANOCHAT_BASE_DIR": scratch},
                               capture_output=True, text=True, timeout=timeout_s,

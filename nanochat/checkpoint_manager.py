@@ -151,6 +151,21 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
+def load_meta(checkpoint_dir, step):
+    """The meta dict (model_config, user_config, training state) of checkpoint `step`.
+
+    Raises:
+        FileNotFoundError: `step` has no complete checkpoint (the message lists the steps that do).
+    """
+    meta_path = _meta_path(checkpoint_dir, step)
+    if not os.path.exists(meta_path):
+        steps = list_steps(checkpoint_dir)
+        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} (no {os.path.basename(meta_path)}); "
+                                f"complete steps there: {steps or 'none'}")
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """Load one step: (model_state, optimizer_state or None, meta dict).
 
@@ -161,13 +176,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         FileNotFoundError: `step` has no complete checkpoint (the message lists the steps that
             do), or its model/optimizer file is missing.
     """
-    meta_path = _meta_path(checkpoint_dir, step)
-    if not os.path.exists(meta_path):
-        steps = list_steps(checkpoint_dir)
-        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} (no {os.path.basename(meta_path)}); "
-                                f"complete steps there: {steps or 'none'}")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = load_meta(checkpoint_dir, step)
     paths = [_model_path(checkpoint_dir, step)] + ([_optim_path(checkpoint_dir, step, rank)] if load_optimizer else [])
     for path in paths:
         if not os.path.exists(path):

@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass, field
 
 # Upstream nanochat's d20 speedrun (https://github.com/karpathy/nanochat, speedrun.sh and
-# scripts/base_train.py): seq 2048; the recipe (training.RECIPES) decides the architecture, the
-# tokens per step and the tokens per parameter when the user does not (None).
-GPU_DEFAULTS = dict(recipe="nov2025", arch=None, depth=20, vocab_size=65536, max_seq_len=2048, total_batch_size=None,
+# scripts/base_train.py): seq 2048; the recipe (training.RECIPES, None: training.DEFAULT_RECIPE) decides
+# the architecture, the tokens per step and the tokens per parameter when the user does not (None).
+GPU_DEFAULTS = dict(recipe=None, arch=None, depth=20, vocab_size=65536, max_seq_len=2048, total_batch_size=None,
                     device_batch_size=None, num_iterations=-1, target_flops=-1.0, target_param_data_ratio=None,
                     eval_every=250, eval_tokens=20 * 524288, sample_every=2000, save_every=1000,
                     core_metric_every=2000)
@@ -350,7 +350,8 @@ def run_shape(preset="gpu", device_type="cpu", world_size=1, gpu_memory_gib=None
     s = {**spec["base"], **given}
     # the recipe fills what neither the user nor the preset set: architecture, batch, tokens per parameter
     from nanochat.gpt import ARCHS
-    from nanochat.training import RECIPES
+    from nanochat.training import DEFAULT_RECIPE, RECIPES
+    s["recipe"] = s["recipe"] or DEFAULT_RECIPE
     if s["recipe"] not in RECIPES:
         raise RunShapeError(f"unknown --recipe {s['recipe']!r}; pick one of {', '.join(RECIPES)}")
     recipe = RECIPES[s["recipe"]]

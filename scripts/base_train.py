@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import (capture_rng_state, load_training_state, prune_checkpoints, restore_rng_state,
-                                         save_training_state)
+from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, list_steps, load_meta, load_training_state,
+                                         prune_checkpoints, restore_rng_state, save_training_state)
 from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import bos_bestfit_data_loader, tokenizing_distributed_data_loader, without_state
@@ -35,7 +35,7 @@ from nanochat.muon import ORTHOGONALIZERS
 from nanochat.run_shape import (KEEP_CHECKPOINTS, PRESETS, REFERENCE_BATCH_SIZE, RunShapeError, run_shape,
                                 shape_flags)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (RECIPES, LossLog, PrefetchingLoader, ProgressMeter,
+from nanochat.training import (DEFAULT_RECIPE, RECIPES, LossLog, PrefetchingLoader, ProgressMeter,
                                get_lr_multiplier, get_muon_momentum, halve_device_batch, resolve_recipe,
                                scaled_weight_decay, setup_stage, should_compile, should_save, train_step)
 
@@ -47,8 +47,9 @@ parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"
 # The run's shape: every flag left out comes from the preset (nanochat/run_shape.py, the same
 # function that prints the plan); "gpu" is upstream's d20 recipe, with CPU-sized evaluation on a CPU.
 parser.add_argument("--preset", default="gpu", choices=list(PRESETS), help="defaults for the flags below (default: gpu)")
-parser.add_argument("--recipe", default="nov2025", choices=list(RECIPES),
-                    help="hyperparameters, schedule and architecture (training.RECIPES; default: nov2025)")
+parser.add_argument("--recipe", default=None, choices=list(RECIPES),
+                    help=f"hyperparameters, schedule, packing and architecture (training.RECIPES; default: {DEFAULT_RECIPE}; "
+                         "a resumed run keeps the recipe it started with)")
 # model
 parser.add_argument("--arch", default=None, choices=list(ARCHS), help="classic or modern (default: the recipe's)")
 parser.add_argument("--depth", type=int, default=None, help="number of layers; width = 64 x depth (gpu: 20)")
@@ -125,16 +126,34 @@ try:
                       **shape_flags(args))
 except RunShapeError as e:
     sys.exit(f"base_train: {e}")
+stage.model_tag = args.model_tag or shape.model_tag
+checkpoint_dir = stage.checkpoint_dir
+# A resumed run keeps the recipe it started with: a new default must not change a run half-way
+if (args.resume or args.resume_from_step >= 0) and list_steps(checkpoint_dir):
+    try:
+        meta = load_meta(checkpoint_dir, args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir))
+    except FileNotFoundError as e:
+        sys.exit(f"base_train: cannot resume: {e}")
+    started_recipe = meta["user_config"].get("recipe") or "nov2025"  # the only recipe before Dec 2026
+    if args.recipe is not None and args.recipe != started_recipe:
+        sys.exit(f"base_train: cannot resume with --recipe {args.recipe}: this run started with recipe {started_recipe}. "
+                 f"Resume it with --recipe {started_recipe} (or without --recipe), or start a new run under another "
+                 "--model-tag")
+    if started_recipe != shape.recipe:
+        print0(f"resume: keeping recipe {started_recipe}, the one this run started with (the default is {shape.recipe})")
+        try:
+            shape = run_shape(args.preset, device.type, world_size, compile=stage.use_compile, vocab_size=vocab_size,
+                              **{**shape_flags(args), "recipe": started_recipe})
+        except RunShapeError as e:
+            sys.exit(f"base_train: {e}")
 user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
 if device.type == "cpu" and args.compile is None:  # a CPU compiles long runs only (training.should_compile)
     stage.use_compile = should_compile(None, "cpu", shape.num_iterations)
     if stage.use_compile:
         print0(f"compile: on ({shape.num_iterations} steps on a CPU pay back the one-off compile; --no-compile to skip)")
-stage.model_tag = args.model_tag or shape.model_tag
-checkpoint_dir = stage.checkpoint_dir
 # The recipe: every optimizer and schedule setting the user left out
-recipe_flags = {name: getattr(args, name) for name in RECIPES[args.recipe] if hasattr(args, name)}
-recipe = resolve_recipe(args.recipe, **{**recipe_flags, "arch": shape.arch, "total_batch_size": shape.total_batch_size})
+recipe_flags = {name: getattr(args, name) for name in RECIPES[shape.recipe] if hasattr(args, name)}
+recipe = resolve_recipe(shape.recipe, **{**recipe_flags, "arch": shape.arch, "total_batch_size": shape.total_batch_size})
 user_config.update({name: value for name, value in recipe.items() if user_config.get(name) is None})
 
 # -----------------------------------------------------------------------------
@@ -220,7 +239,7 @@ except ValueError as e:  # a resume state of the other packing, or shards that c
 # The plan
 print0(f"model: {stage.model_tag} | {shape.arch} | depth {shape.depth} | n_embd {model_config.n_embd} | "
        f"heads {model_config.n_head} | vocab {vocab_size} | seq {shape.max_seq_len}")
-print0(f"recipe {args.recipe}: Muon {recipe['orthogonalizer']}, NorMuon beta2 {recipe['normuon_beta2']}, cautious weight "
+print0(f"recipe {shape.recipe}: Muon {recipe['orthogonalizer']}, NorMuon beta2 {recipe['normuon_beta2']}, cautious weight "
        f"decay {weight_decay:.4g} | LR x {lr_scale:.3g}, warmup {recipe['warmup_steps']} steps, warmdown "
        f"{recipe['warmdown_ratio']:.0%} to {recipe['final_lr_frac']}")
 print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")

@@ -84,7 +84,8 @@ if args.shell:
         else:
             print(f"{name}={shlex.quote(str(value))}")
     # base_train gets the preset and the resolved device batch; it resolves the rest with run_shape itself
-    base_args = ["--preset", args.preset, "--recipe", shape.recipe, "--depth", str(shape.depth),
+    # (--recipe only when given: without it a resumed run keeps the recipe it started with)
+    base_args = ["--preset", args.preset, *(["--recipe", args.recipe] if args.recipe else []), "--depth", str(shape.depth),
                  "--device-batch-size", str(shape.device_batch_size)]
     for name, value in [("depth", shape.depth), ("model_tag", shape.model_tag), ("seq_len", shape.max_seq_len),
                         ("vocab_size", PRESETS[args.preset]["base"]["vocab_size"]),  # what tok_train trains

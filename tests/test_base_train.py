@@ -9,6 +9,7 @@ under a byte-level tokenizer (no merges: one token per ASCII character, plus <|b
 1 process x 2 micro-batches and 2 processes x 1 micro-batch see the same documents per step.
 """
 
+import json
 import math
 import os
 import re
@@ -220,11 +221,12 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     assert os.path.exists(os.path.join(base, "report", "base-model-loss.md"))
 
 
-@pytest.mark.parametrize("recipe", ["nov2025", "jan2026"])
+@pytest.mark.parametrize("recipe", ["nov2025", "dec2026", "jan2026"])
 def test_killed_run_resumes_bit_identical(tmp_path, recipe):
     straight = make_base_dir(str(tmp_path / "straight"))
     killed = make_base_dir(str(tmp_path / "killed"))
-    args = [*train_args(), f"--recipe={recipe}"]  # jan2026: modern arch, NorMuon and scheduled weight decay too
+    # dec2026: best-fit packing, NorMuon, scheduled weight decay; jan2026: the modern arch too
+    args = [*train_args(), f"--recipe={recipe}"]
     reference = run_train(straight, *args)
 
     # start the same run, SIGKILL it as soon as the step-4 checkpoint is complete, then resume
@@ -247,6 +249,28 @@ def test_killed_run_resumes_bit_identical(tmp_path, recipe):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_keeps_the_recipe_the_run_started_with(tmp_path):
+    base = make_base_dir(str(tmp_path / "run"))
+    run_train(base, *train_args(**{"num-iterations": 4}), "--recipe=nov2025")
+    # a new default (no --recipe) does not change a run half-way: the stream loader state resumes as it was
+    resumed = run_train(base, *train_args(**{"num-iterations": 6}), "--resume")
+    assert "resume: keeping recipe nov2025" in resumed.stdout and "recipe nov2025: Muon newton_schulz" in resumed.stdout
+    assert max(losses(resumed.stdout)) == 6
+    # another recipe given explicitly is refused, naming the one to use
+    other = run_train(base, *train_args(**{"num-iterations": 8}), "--resume", "--recipe=dec2026", check=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "this run started with recipe nov2025. Resume it with --recipe nov2025" in other.stderr
+    # checkpoints from before recipes were recorded are nov2025's
+    meta_path = os.path.join(base, "base_checkpoints", "d2", "meta_000006.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["user_config"]["recipe"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    older = run_train(base, *train_args(**{"num-iterations": 8}), "--resume")
+    assert "resume: keeping recipe nov2025" in older.stdout and max(losses(older.stdout)) == 8
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

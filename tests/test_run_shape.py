@@ -152,7 +152,7 @@ def test_shell_layer_takes_its_shape_from_python(tmp_path):
     assert out.returncode == 0, out.stderr
     model_tag, seq_len, dbs, data, base_args, mid_args = out.stdout.strip().split("|")
     assert (model_tag, seq_len, dbs, data) == ("d8", "512", "8", "offline")  # --tiny --depth 8 is a d8
-    assert base_args == "--preset tiny --recipe nov2025 --depth 8 --device-batch-size 8"
+    assert base_args == "--preset tiny --depth 8 --device-batch-size 8"  # no --recipe: a resume keeps its own
     assert mid_args.startswith("--num-iterations 12")
     out = shell("--tiny", "--recipe", "jan2026", base_dir=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,8 @@ base_train steps along, and the recipe a flag resolves to."""
 
 import pytest
 
-from nanochat.training import RECIPES, get_lr_multiplier, get_muon_momentum, resolve_recipe, scaled_weight_decay
+from nanochat.run_shape import run_shape
+from nanochat.training import DEFAULT_RECIPE, RECIPES, get_lr_multiplier, get_muon_momentum, resolve_recipe, scaled_weight_decay
 
 
 def test_nov2025_lr_schedule_is_constant_then_a_linear_warmdown_to_zero():
@@ -34,8 +35,17 @@ def test_weight_decay_scales_with_one_over_width_squared_from_d12():
 def test_recipes_resolve_with_the_users_flags_on_top():
     r = resolve_recipe("nov2025", orthogonalizer="polar_express", matrix_lr=None)
     assert r["orthogonalizer"] == "polar_express" and r["matrix_lr"] == RECIPES["nov2025"]["matrix_lr"]
-    assert set(RECIPES["nov2025"]) == set(RECIPES["jan2026"])  # every setting exists in every recipe
-    with pytest.raises(ValueError, match="unknown --recipe 'x'; pick one of nov2025, jan2026"):
+    assert all(set(r) == set(RECIPES["nov2025"]) for r in RECIPES.values())  # every setting in every recipe
+    with pytest.raises(ValueError, match="unknown --recipe 'x'; pick one of nov2025, jan2026, dec2026"):
         resolve_recipe("x")
     with pytest.raises(ValueError, match="unknown recipe settings"):
         resolve_recipe("nov2025", learning_rate=1.0)
+
+
+def test_the_default_recipe_is_the_one_every_preset_runs_and_it_exports():
+    assert DEFAULT_RECIPE == "dec2026"
+    for preset in ("gpu", "tiny", "smoke"):
+        assert run_shape(preset, "cpu").recipe == DEFAULT_RECIPE
+    default = RECIPES[DEFAULT_RECIPE]
+    assert default["arch"] == "classic"  # what transformers' NanoChat can load (nanochat/hf.py)
+    assert default["packing"] == "bestfit" and default["weight_decay"] > 0 and default["normuon_beta2"] > 0
