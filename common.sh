@@ -9,7 +9,7 @@
 NANOCHAT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 depth=""               # empty: the preset's (nanochat/run_shape.py)
-recipe=""              # empty: the default recipe (nanochat/training.py RECIPES)
+recipe=""              # empty: training.DEFAULT_RECIPE, or the recipe an interrupted run started with
 device_batch_size=""   # empty: the preset's, or what fits the GPU
 run=dummy
 data=auto

@@ -13,8 +13,9 @@ Usage: bash speedrun_dgx.sh [flags] [-- extra args for every training script]
 
   --depth N               model depth (default: 20, or the preset's; width = 64 x depth)
   --device-batch-size N   sequences per forward pass (default: chosen for the GPU memory)
-  --recipe NAME           pretraining recipe: optimizer, schedule, batch, architecture (nov2025,
-                          jan2026, ...; default: see README "The real run")
+  --recipe NAME           pretraining recipe: optimizer, schedule, packing, batch, architecture
+                          (dec2026 = default, nov2025, jan2026; README "Pretraining recipes");
+                          an interrupted run resumes with the recipe it started with
   --run NAME              wandb run name (default: dummy = no wandb)
   --data online|offline   Hub datasets or data built on this machine (default: online if
                           huggingface.co answers, else offline)

@@ -1,29 +1,36 @@
 """
-Pretraining recipes side by side at equal FLOPs: final val bpb and tok/s of scripts.base_train
-runs on the same shards, tokenizer and validation tokens, one row per (depth, variant, seed).
+Pretraining recipes side by side: final val bpb and tok/s of scripts.base_train runs on the same
+shards, tokenizer and validation tokens, one row per (depth, variant, seed), at equal FLOPs (the
+default), at a long horizon in steps (--steps), or at equal wall-clock minutes of training
+(--minutes: each variant first runs 10 steps to measure its step time, then the steps that fit).
 
 Baseline, measured in the same run: "nov2025", the recipe this project trained with until
-Dec 2026 (training.RECIPES). Every other variant is that recipe plus one change (its flags
-below), upstream's whole 2026 recipe ("jan2026", architecture included), and upstream nanochat
-HEAD itself when --upstream points at a checkout of it (bench/upstream.py runs its own
-base_train on our data; the row is skipped without one). The bpb column's delta is against the
-baseline's mean; the spread column is the range over seeds, so a delta smaller than the spread
-is noise.
+Dec 2026 (training.RECIPES). The other variants: that recipe plus one change (its flags below),
+"dec2026" (the default since Dec 2026) with and without the modern architecture, upstream's whole
+2026 recipe ("jan2026", architecture included), and upstream nanochat HEAD itself when
+--upstream points at a checkout of it (bench/upstream.py runs its own base_train on our data
+with its own recipe at our batch; the row is skipped without one). The bpb column's delta is
+against the baseline's mean; the spread column is the range over seeds, so a delta smaller than
+the spread is noise.
 
 Two validation numbers per run, on the last shard's first EVAL_TOKENS tokens: "val bpb", rows cut
 from the document stream (what base_train prints), and "best-fit val bpb", rows packed
 BOS-aligned best-fit (dataloader.bos_bestfit_data_loader), the way upstream HEAD evaluates. Only
 the second compares with upstream's row, whose number is its own best-fit rows (it crops the
 shortest document where ours crops the earliest read, so the rows differ slightly). Every run
-of ours is eager (--no-compile), so tok/s compares recipes, not compilation; bench/RESULTS.md
-has the compiled numbers from bench.train_throughput and base_train.
+of ours is eager (--no-compile), so tok/s compares recipes, not compilation, and upstream's
+(compiled) row is ahead by the compile speed-up in --minutes mode; bench/RESULTS.md has the
+compiled numbers from bench.train_throughput and base_train.
 
     python -m bench.recipe --depths 4 --seeds 1,2 --out bench/recipe_d4.json
-    python -m bench.recipe --depths 4,6,8 --variants nov2025,jan2026 --upstream /path/to/nanochat \\
+    python -m bench.recipe --depths 4,6,8 --variants nov2025,dec2026 --upstream /path/to/nanochat \\
         --upstream-python /path/to/venv/bin/python
+    python -m bench.recipe --depths 2 --steps 2000 --batch 2048 --variants nov2025,dec2026 --seeds 1
+    python -m bench.recipe --depths 4 --minutes 4 --variants nov2025,dec2026 --seeds 1 --upstream ...
 
 Needs $NANOCHAT_BASE_DIR (or --base-dir) with base_data/ and a trained tokenizer, e.g. after
-`bash speedrun_dgx.sh --tiny --only tokenizer`. Runs write their checkpoints to a scratch dir.
+`bash speedrun_dgx.sh --tiny --only data` and `--only tokenizer`. Runs write their checkpoints
+to a scratch dir.
 """
 
 import argparse
@@ -94,40 +101,60 @@ def evaluate_bestfit_bpb(base_dir, eval_tokens):
             del os.environ["NANOCHAT_BASE_DIR"]
 
 
-def run_variant(python, base_dir, depth, flops, variant_flags, seed, timeout_s):
-    """One base_train run in a scratch base dir that links base_dir's data and tokenizer. Returns
-    parse_base_train's dict plus wall_s, total_batch_size and bestfit_val_bpb. Raises RuntimeError
-    with the output's tail on failure."""
+def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s, total_batch_size=TOTAL_BATCH_SIZE,
+                bestfit_eval=True):
+    """One base_train run in a scratch base dir that links base_dir's data and tokenizer. horizon:
+    base_train's horizon flags, e.g. ["--target-flops", "2e13"] or ["--num-iterations", "2000"].
+    Returns parse_base_train's dict plus wall_s, total_batch_size and bestfit_val_bpb (None
+    without bestfit_eval). Raises RuntimeError with the output's tail on failure."""
     with tempfile.TemporaryDirectory(prefix="recipe_") as scratch:
         for name in ("base_data", "tokenizer"):
             os.symlink(os.path.join(base_dir, name), os.path.join(scratch, name))
-        fixed_batch = "--total-batch-size" not in variant_flags
         cmd = [python, "-m", "scripts.base_train", "--preset", "tiny", "--depth", str(depth),
-               "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", f"{flops:g}", "--num-iterations", "-1",
+               "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", "-1", "--num-iterations", "-1", *horizon,
                "--eval-every", "-1", "--eval-tokens", str(EVAL_TOKENS), "--core-metric-every", "-1",
                "--sample-every", "-1", "--save-every", "-1", "--keep-checkpoints", "1", "--seed", str(seed),
                "--model-tag", "bench", "--no-compile"]
-        if fixed_batch:
-            cmd += ["--total-batch-size", str(TOTAL_BATCH_SIZE), "--device-batch-size", str(DEVICE_BATCH_SIZE)]
+        if "--total-batch-size" not in variant_flags:  # a fixed batch; Power Lines variants choose their own
+            cmd += ["--total-batch-size", str(total_batch_size),
+                    "--device-batch-size", str(min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN))]
         t0 = time.time()
         proc = subprocess.run(cmd + variant_flags, env={**os.environ, "NANOCHAT_BASE_DIR": scratch},
                               capture_output=True, text=True, timeout=timeout_s,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if proc.returncode != 0:
-            raise RuntimeError(f"base_train failed ({' '.join(variant_flags) or 'baseline'}):\n"
-                               + (proc.stdout + proc.stderr)[-3000:])
+            raise RuntimeError(f"base_train failed ({' '.join(variant_flags)}):\n" + (proc.stdout + proc.stderr)[-3000:])
         result = parse_base_train(proc.stdout)
         batch = re.search(r"^batch: ([\d,]+) tokens per step", proc.stdout, re.M)
-        result.update(wall_s=time.time() - t0, total_batch_size=int(batch.group(1).replace(",", "")))
-        result["bestfit_val_bpb"] = evaluate_bestfit_bpb(scratch, EVAL_TOKENS)
+        train_s = re.search(r"^training time: (\d+)s", proc.stdout, re.M)
+        result.update(wall_s=time.time() - t0, train_s=int(train_s.group(1)) if train_s else None,
+                      total_batch_size=int(batch.group(1).replace(",", "")))
+        result["bestfit_val_bpb"] = evaluate_bestfit_bpb(scratch, EVAL_TOKENS) if bestfit_eval else None
         return result
+
+
+def run_upstream(upstream_dir, python, base_dir, depth, horizon, timeout_s, total_batch_size=TOTAL_BATCH_SIZE):
+    """Upstream HEAD's base_train with its own recipe at our batch (bench/upstream.py), as a row of
+    this table: its val rows are best-fit packed, so its number goes in the best-fit column."""
+    from bench.upstream import run_upstream_base_train
+    flag, value = horizon
+    r = run_upstream_base_train(upstream_dir, base_dir, python=python, depth=depth, max_seq_len=MAX_SEQ_LEN,
+                                device_batch_size=min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN),
+                                total_batch_size=total_batch_size,
+                                num_iterations=int(value) if flag == "--num-iterations" else -1,
+                                eval_tokens=EVAL_TOKENS, eval_every=10**9,  # step 0 and the last
+                                extra_args=(f"--target-flops={value}",) if flag == "--target-flops" else (),
+                                timeout_s=timeout_s)
+    return dict(val_bpb=None, bestfit_val_bpb=r["val_bpb"], steps=r["num_steps"], tok_s=r["tok_s"], losses=r["losses"],
+                wall_s=r["wall_s"], train_s=sum(r["step_s"]), total_batch_size=total_batch_size)
 
 
 def summarize(rows, baseline="nov2025"):
     """Markdown table: per depth and variant, mean final val bpb, spread over seeds, delta vs the
-    baseline's mean, tok/s (median over seeds), steps, batch."""
-    lines = ["| depth | variant | seeds | val bpb (mean) | spread | vs nov2025 | best-fit val bpb | tok/s | steps | batch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    baseline's mean, best-fit val bpb (mean), tok/s (median over seeds), steps, batch, and the
+    training seconds (median; the wall clock without start-up and final evaluation)."""
+    lines = ["| depth | variant | seeds | val bpb (mean) | spread | vs nov2025 | best-fit val bpb | tok/s | steps | batch "
+             "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for depth in sorted({r["depth"] for r in rows}):
         at_depth = [r for r in rows if r["depth"] == depth]
         base = [r["val_bpb"] for r in at_depth if r["variant"] == baseline and r["val_bpb"] is not None]
@@ -136,12 +163,14 @@ def summarize(rows, baseline="nov2025"):
             rs = [r for r in at_depth if r["variant"] == variant]
             bpb = [r["val_bpb"] for r in rs if r["val_bpb"] is not None]
             mean = f"{statistics.mean(bpb):.4f}" if bpb else "n/a"
-            spread = f"{max(bpb) - min(bpb):.4f}" if bpb else ""
+            spread = f"{max(bpb) - min(bpb):.4f}" if len(bpb) > 1 else ""
             delta = f"{statistics.mean(bpb) - base_mean:+.4f}" if bpb and base_mean and variant != baseline else ""
             bestfit = statistics.mean(r["bestfit_val_bpb"] for r in rs)
             tok_s = statistics.median(r["tok_s"] for r in rs if r["tok_s"]) if any(r["tok_s"] for r in rs) else 0
+            train_s = [r["train_s"] for r in rs if r.get("train_s")]
             lines.append(f"| d{depth} | {variant} | {len(rs)} | {mean} | {spread} | {delta} | {bestfit:.4f} | "
-                         f"{tok_s:,.0f} | {rs[0]['steps']} | {rs[0]['total_batch_size']:,} |")
+                         f"{tok_s:,.0f} | {rs[0]['steps']} | {rs[0]['total_batch_size']:,} | "
+                         f"{statistics.median(train_s) if train_s else 0:.0f} |")
     return "\n".join(lines)
 
 
@@ -150,7 +179,13 @@ if __name__ == "__main__":
     parser.add_argument("--depths", default="4,6,8")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="1,2", help="init seeds; each variant runs once per seed")
-    parser.add_argument("--flops", type=float, default=None, help="training FLOPs per run (default: per depth)")
+    horizon = parser.add_mutually_exclusive_group()
+    horizon.add_argument("--flops", type=float, default=None, help="training FLOPs per run (default: per depth)")
+    horizon.add_argument("--steps", type=int, default=None, help="optimizer steps per run instead (a long horizon)")
+    horizon.add_argument("--minutes", type=float, default=None,
+                         help="equal wall clock instead: each variant runs the steps that fit this many minutes of "
+                              "training at its speed, measured by a short run of it first")
+    parser.add_argument("--batch", type=int, default=TOTAL_BATCH_SIZE, help="tokens per step of the fixed-batch rows")
     parser.add_argument("--base-dir", default=os.environ.get("NANOCHAT_BASE_DIR"), help="with base_data/ and tokenizer/")
     parser.add_argument("--upstream", default=None, help="a checkout of upstream nanochat: adds its row")
     parser.add_argument("--upstream-python", default=sys.executable, help="the interpreter of upstream's environment")
@@ -166,27 +201,31 @@ if __name__ == "__main__":
             sys.exit(f"bench.recipe: unknown variant {v!r}; pick from {', '.join(VARIANTS)}")
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
-        flops = args.flops or DEFAULT_FLOPS[depth]
         jobs = [(v, seed) for v in variants for seed in [int(s) for s in args.seeds.split(",")]]
         if args.upstream:
             jobs.append(("upstream HEAD", None))
+        speeds = {}  # --minutes: variant -> measured seconds per step
         for variant, seed in jobs:
-            if variant == "upstream HEAD":  # its recipe at our batch; its val rows are best-fit packed
-                from bench.upstream import run_upstream_base_train
-                r = run_upstream_base_train(args.upstream, args.base_dir, python=args.upstream_python, depth=depth,
-                                            max_seq_len=MAX_SEQ_LEN, device_batch_size=DEVICE_BATCH_SIZE,
-                                            total_batch_size=TOTAL_BATCH_SIZE, num_iterations=-1,
-                                            eval_tokens=EVAL_TOKENS, eval_every=10**9,  # step 0 and the last
-                                            extra_args=(f"--target-flops={flops:g}",),
-                                            timeout_s=args.timeout)
-                result = dict(val_bpb=None, bestfit_val_bpb=r["val_bpb"], steps=r["num_steps"], tok_s=r["tok_s"],
-                              losses=r["losses"], wall_s=r["wall_s"], total_batch_size=TOTAL_BATCH_SIZE)
+            def run(horizon, bestfit_eval=True):
+                if variant == "upstream HEAD":
+                    return run_upstream(args.upstream, args.upstream_python, args.base_dir, depth, horizon, args.timeout,
+                                        args.batch)
+                return run_variant(sys.executable, args.base_dir, depth, horizon, VARIANTS[variant], seed or 1,
+                                   args.timeout, args.batch, bestfit_eval)
+            if args.minutes:
+                if variant not in speeds:  # 10 steps; the median step after the first (compile) ones
+                    probe = run(["--num-iterations", "10"], bestfit_eval=False)
+                    speeds[variant] = probe["total_batch_size"] / probe["tok_s"]
+                horizon = ["--num-iterations", str(max(1, round(args.minutes * 60 / speeds[variant])))]
+            elif args.steps:
+                horizon = ["--num-iterations", str(args.steps)]
             else:
-                result = run_variant(sys.executable, args.base_dir, depth, flops, VARIANTS[variant], seed, args.timeout)
-            rows.append(dict(depth=depth, variant=variant, seed=seed, flops=flops, **result))
+                horizon = ["--target-flops", f"{args.flops or DEFAULT_FLOPS[depth]:g}"]
+            result = run(horizon)
+            rows.append(dict(depth=depth, variant=variant, seed=seed, horizon=horizon, **result))
             print(f"d{depth} {variant:16s} seed {seed} | val bpb {result['val_bpb'] or float('nan'):.4f} | best-fit "
                   f"{result['bestfit_val_bpb']:.4f} | steps {result['steps']} | tok/s {result['tok_s'] or 0:,.0f} | "
-                  f"{result['wall_s']:.0f} s", flush=True)
+                  f"train {result['train_s'] or 0:.0f} s | {result['wall_s']:.0f} s", flush=True)
             if args.out:
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(rows, f, indent=1)

@@ -28,10 +28,10 @@ def test_gpu_preset_is_upstreams_d20_speedrun():
 
 def test_presets_fill_defaults_and_the_user_wins():
     tiny = run_shape("tiny")
-    assert (tiny.depth, tiny.max_seq_len, tiny.num_iterations, tiny.data) == (4, 512, 24, "offline")
+    assert (tiny.depth, tiny.max_seq_len, tiny.num_iterations, tiny.data) == (4, 512, 48, "offline")
     d8 = run_shape("tiny", depth=8)
     assert d8.depth == 8 and d8.model_tag == "d8" and d8.num_params > tiny.num_params
-    assert d8.num_iterations == 24  # the rest of the preset stays
+    assert d8.num_iterations == 48  # the rest of the preset stays
     assert run_shape("tiny", num_iterations=5).num_iterations == 5
     assert run_shape("smoke", device_batch_size=2).grad_accum_steps == 4
 
