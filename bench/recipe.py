@@ -18,15 +18,15 @@ from the document stream (what base_train prints), and "best-fit val bpb", rows 
 BOS-aligned best-fit (dataloader.bos_bestfit_data_loader), the way upstream HEAD evaluates. Only
 the second compares with upstream's row, whose number is its own best-fit rows (it crops the
 shortest document where ours crops the earliest read, so the rows differ slightly). Every run
-of ours is eager (--no-compile), so tok/s compares recipes, not compilation, and upstream's
-(compiled) row is ahead by the compile speed-up in --minutes mode; bench/RESULTS.md has the
-compiled numbers from bench.train_throughput and base_train.
+of ours is eager (--no-compile) unless --compile is given, so tok/s compares recipes, not
+compilation; upstream's row always compiles (its default). Equal wall clock (--minutes) is a
+user's comparison only with --compile, as base_train compiles long runs by default.
 
     python -m bench.recipe --depths 4 --seeds 1,2 --out bench/recipe_d4.json
     python -m bench.recipe --depths 4,6,8 --variants nov2025,dec2026 --upstream /path/to/nanochat \\
         --upstream-python /path/to/venv/bin/python
     python -m bench.recipe --depths 2 --steps 2000 --batch 2048 --variants nov2025,dec2026 --seeds 1
-    python -m bench.recipe --depths 4 --minutes 4 --variants nov2025,dec2026 --seeds 1 --upstream ...
+    python -m bench.recipe --depths 4 --minutes 4 --compile --variants nov2025,dec2026 --seeds 1 --upstream ...
 
 Needs $NANOCHAT_BASE_DIR (or --base-dir) with base_data/ and a trained tokenizer, e.g. after
 `bash speedrun_dgx.sh --tiny --only data` and `--only tokenizer`. Runs write their checkpoints
@@ -68,16 +68,16 @@ EVAL_TOKENS = 65536
 
 
 def parse_base_train(output, tokens_per_step=None):
-    """{val_bpb, steps, tok_s, losses} from base_train's stdout. tok_s: median over the steps
-    after the first two (allocator warm-up) of tokens per step / dt. Raises ValueError when the
-    output has no final val bpb."""
+    """{val_bpb, steps, tok_s, losses, train_s} from base_train's stdout. tok_s: median over the
+    steps after the first two (compilation, allocator warm-up) of tokens per step / dt; train_s:
+    the sum of every step's dt, seconds. Raises ValueError when the output has no final val bpb."""
     bpbs = re.findall(r"^step (\d+) \| val bpb ([\d.]+)", output, re.M)
     if not bpbs:
         raise ValueError("no 'val bpb' line in the output")
     steps = re.findall(r"^step (\d+)/(\d+) .*\| loss ([\d.]+) .*\| dt (\d+)ms \| tok/s ([\d,]+)", output, re.M)
     rates = [int(r[4].replace(",", "")) for r in steps[2:]] or [int(r[4].replace(",", "")) for r in steps]
     return dict(val_bpb=float(bpbs[-1][1]), steps=int(bpbs[-1][0]), tok_s=statistics.median(rates) if rates else None,
-                losses=[float(r[2]) for r in steps])
+                losses=[float(r[2]) for r in steps], train_s=sum(int(r[3]) for r in steps) / 1000)
 
 
 def evaluate_bestfit_bpb(base_dir, eval_tokens):
@@ -102,11 +102,11 @@ def evaluate_bestfit_bpb(base_dir, eval_tokens):
 
 
 def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s, total_batch_size=TOTAL_BATCH_SIZE,
-                bestfit_eval=True):
+                bestfit_eval=True, compile=False):
     """One base_train run in a scratch base dir that links base_dir's data and tokenizer. horizon:
     base_train's horizon flags, e.g. ["--target-flops", "2e13"] or ["--num-iterations", "2000"].
-    Returns parse_base_train's dict plus wall_s, total_batch_size and bestfit_val_bpb (None
-    without bestfit_eval). Raises RuntimeError with the output's tail on failure."""
+    compile: torch.compile the model (default: eager). Returns parse_base_train's dict plus wall_s,
+    total_batch_size and bestfit_val_bpb (None without bestfit_eval). Raises RuntimeError with the output's tail on failure."""
     with tempfile.TemporaryDirectory(prefix="recipe_") as scratch:
         for name in ("base_data", "tokenizer"):
             os.symlink(os.path.join(base_dir, name), os.path.join(scratch, name))
@@ -114,7 +114,7 @@ def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s
                "--max-seq-len", str(MAX_SEQ_LEN), "--target-flops", "-1", "--num-iterations", "-1", *horizon,
                "--eval-every", "-1", "--eval-tokens", str(EVAL_TOKENS), "--core-metric-every", "-1",
                "--sample-every", "-1", "--save-every", "-1", "--keep-checkpoints", "1", "--seed", str(seed),
-               "--model-tag", "bench", "--no-compile"]
+               "--model-tag", "bench", "--compile" if compile else "--no-compile"]
         if "--total-batch-size" not in variant_flags:  # a fixed batch; Power Lines variants choose their own
             cmd += ["--total-batch-size", str(total_batch_size),
                     "--device-batch-size", str(min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN))]
@@ -126,9 +126,7 @@ def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s
             raise RuntimeError(f"base_train failed ({' '.join(variant_flags)}):\n" + (proc.stdout + proc.stderr)[-3000:])
         result = parse_base_train(proc.stdout)
         batch = re.search(r"^batch: ([\d,]+) tokens per step", proc.stdout, re.M)
-        train_s = re.search(r"^training time: (\d+)s", proc.stdout, re.M)
-        result.update(wall_s=time.time() - t0, train_s=int(train_s.group(1)) if train_s else None,
-                      total_batch_size=int(batch.group(1).replace(",", "")))
+        result.update(wall_s=time.time() - t0, total_batch_size=int(batch.group(1).replace(",", "")))
         result["bestfit_val_bpb"] = evaluate_bestfit_bpb(scratch, EVAL_TOKENS) if bestfit_eval else None
         return result
 
@@ -186,6 +184,7 @@ if __name__ == "__main__":
                          help="equal wall clock instead: each variant runs the steps that fit this many minutes of "
                               "training at its speed, measured by a short run of it first")
     parser.add_argument("--batch", type=int, default=TOTAL_BATCH_SIZE, help="tokens per step of the fixed-batch rows")
+    parser.add_argument("--compile", action="store_true", help="compile our runs too (upstream's always compile)")
     parser.add_argument("--base-dir", default=os.environ.get("NANOCHAT_BASE_DIR"), help="with base_data/ and tokenizer/")
     parser.add_argument("--upstream", default=None, help="a checkout of upstream nanochat: adds its row")
     parser.add_argument("--upstream-python", default=sys.executable, help="the interpreter of upstream's environment")
@@ -204,19 +203,21 @@ if __name__ == "__main__":
         jobs = [(v, seed) for v in variants for seed in [int(s) for s in args.seeds.split(",")]]
         if args.upstream:
             jobs.append(("upstream HEAD", None))
-        speeds = {}  # --minutes: variant -> measured seconds per step
+        speeds = {}  # --minutes: variant -> (seconds per step, seconds of compilation and warm-up)
         for variant, seed in jobs:
             def run(horizon, bestfit_eval=True):
                 if variant == "upstream HEAD":
                     return run_upstream(args.upstream, args.upstream_python, args.base_dir, depth, horizon, args.timeout,
                                         args.batch)
                 return run_variant(sys.executable, args.base_dir, depth, horizon, VARIANTS[variant], seed or 1,
-                                   args.timeout, args.batch, bestfit_eval)
+                                   args.timeout, args.batch, bestfit_eval, args.compile)
             if args.minutes:
-                if variant not in speeds:  # 10 steps; the median step after the first (compile) ones
+                if variant not in speeds:  # 10 steps: the median step, and what the first (compiling) ones cost on top
                     probe = run(["--num-iterations", "10"], bestfit_eval=False)
-                    speeds[variant] = probe["total_batch_size"] / probe["tok_s"]
-                horizon = ["--num-iterations", str(max(1, round(args.minutes * 60 / speeds[variant])))]
+                    step_s = probe["total_batch_size"] / probe["tok_s"]
+                    speeds[variant] = step_s, max(0.0, probe["train_s"] - 10 * step_s)
+                step_s, overhead_s = speeds[variant]
+                horizon = ["--num-iterations", str(max(1, round((args.minutes * 60 - overhead_s) / step_s)))]
             elif args.steps:
                 horizon = ["--num-iterations", str(args.steps)]
             else:
