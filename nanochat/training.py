@@ -140,17 +140,19 @@ def setup_stage(name, device_type, run, user_config, compile_flag=None, model_ta
 # Each entry is also a base_train flag of the same name, so one change can be measured alone
 # (bench/recipe.py). The "jan2026" values are upstream nanochat's as of early 2026
 # (scripts/base_train.py, nanochat/gpt.py and dev/LOG.md of github.com/karpathy/nanochat).
+
+# upstream nanochat's Nov-2025 speedrun: this project's pretraining until Dec 2026
+NOV2025 = dict(
+    arch="classic", orthogonalizer="newton_schulz", normuon_beta2=0.0, weight_decay=0.0,
+    embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
+    adam_betas=(0.8, 0.95), embedding_betas=(0.8, 0.95), x0_beta1=0.8,
+    warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
+    momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
+    # horizon: 20 tokens per parameter, all parameters counted (Chinchilla); a fixed batch
+    param_count="all", target_param_data_ratio=20.0, total_batch_size=524288, packing="stream",
+)
 RECIPES = {
-    # upstream nanochat's Nov-2025 speedrun: this project's pretraining until Dec 2026
-    "nov2025": dict(
-        arch="classic", orthogonalizer="newton_schulz", normuon_beta2=0.0, weight_decay=0.0,
-        embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
-        adam_betas=(0.8, 0.95), embedding_betas=(0.8, 0.95), x0_beta1=0.8,
-        warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
-        momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
-        # horizon: 20 tokens per parameter, all parameters counted (Chinchilla); a fixed batch
-        param_count="all", target_param_data_ratio=20.0, total_batch_size=524288, packing="stream",
-    ),
+    "nov2025": NOV2025,
     # upstream's 2026 recipe: Polar Express + NorMuon + cautious weight decay (0.2 at d12, x 1/width²,
     # dev/LOG.md 2026-01-10), the retuned learning rates and betas (2026-01-19..22), warmup 40
     # steps, a warmdown over 65% of the run to 5%, Muon momentum 0.85 -> 0.97 over 400 steps and
@@ -171,14 +173,7 @@ RECIPES = {
     # packing, cautious weight decay, NorMuon, Polar Express. The 2026 learning rates and long
     # warmup/warmdown lost at these sizes and stay out; the architecture stays classic so that
     # transformers loads the model (hf.py; --arch modern trains better and does not export).
-    "dec2026": dict(
-        arch="classic", orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.2,
-        embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
-        adam_betas=(0.8, 0.95), embedding_betas=(0.8, 0.95), x0_beta1=0.8,
-        warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
-        momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
-        param_count="all", target_param_data_ratio=20.0, total_batch_size=524288, packing="bestfit",
-    ),
+    "dec2026": dict(NOV2025, orthogonalizer="polar_express", normuon_beta2=0.9, weight_decay=0.2, packing="bestfit"),
 }
 DEFAULT_RECIPE = "dec2026"
 WEIGHT_DECAY_REFERENCE_DEPTH = 12  # recipes give --weight-decay at d12; it scales as (12 / depth)^2
