@@ -67,6 +67,11 @@ DEVICE_BATCH_SIZE = 8
 EVAL_TOKENS = 65536
 
 
+def device_batch_size(total_batch_size):
+    """Rows per forward pass for `total_batch_size` tokens per step: DEVICE_BATCH_SIZE, fewer for a small step."""
+    return min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN)
+
+
 def parse_base_train(output, tokens_per_step=None):
     """{val_bpb, steps, tok_s, losses, train_s} from base_train's stdout. tok_s: median over the
     steps after the first two (compilation, allocator warm-up) of tokens per step / dt; train_s:
@@ -117,7 +122,7 @@ def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s
                "--model-tag", "bench", "--compile" if compile else "--no-compile"]
         if "--total-batch-size" not in variant_flags:  # a fixed batch; Power Lines variants choose their own
             cmd += ["--total-batch-size", str(total_batch_size),
-                    "--device-batch-size", str(min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN))]
+                    "--device-batch-size", str(device_batch_size(total_batch_size))]
         t0 = time.time()
         proc = subprocess.run(cmd + variant_flags, env={**os.environ, "NANOCHAT_BASE_DIR": scratch},
                               capture_output=True, text=True, timeout=timeout_s,
@@ -133,11 +138,12 @@ def run_variant(python, base_dir, depth, horizon, variant_flags, seed, timeout_s
 
 def run_upstream(upstream_dir, python, base_dir, depth, horizon, timeout_s, total_batch_size=TOTAL_BATCH_SIZE):
     """Upstream HEAD's base_train with its own recipe at our batch (bench/upstream.py), as a row of
-    this table: its val rows are best-fit packed, so its number goes in the best-fit column."""
+    this table: its val rows are best-fit packed, so its number goes in the best-fit column.
+    Raises what run_upstream_base_train raises (FileNotFoundError, RuntimeError)."""
     from bench.upstream import run_upstream_base_train
     flag, value = horizon
     r = run_upstream_base_train(upstream_dir, base_dir, python=python, depth=depth, max_seq_len=MAX_SEQ_LEN,
-                                device_batch_size=min(DEVICE_BATCH_SIZE, total_batch_size // MAX_SEQ_LEN),
+                                device_batch_size=device_batch_size(total_batch_size),
                                 total_batch_size=total_batch_size,
                                 num_iterations=int(value) if flag == "--num-iterations" else -1,
                                 eval_tokens=EVAL_TOKENS, eval_every=10**9,  # step 0 and the last

@@ -121,11 +121,15 @@ token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
 # The run's shape: model size, batch, horizon, evaluation budget (exactly what scripts.plan printed)
-try:
-    shape = run_shape(args.preset, device.type, world_size, compile=stage.use_compile, vocab_size=vocab_size,
-                      **shape_flags(args))
-except RunShapeError as e:
-    sys.exit(f"base_train: {e}")
+def plan_run(**recipe):
+    try:
+        return run_shape(args.preset, device.type, world_size, compile=stage.use_compile, vocab_size=vocab_size,
+                         **{**shape_flags(args), **recipe})
+    except RunShapeError as e:
+        sys.exit(f"base_train: {e}")
+
+
+shape = plan_run()
 stage.model_tag = args.model_tag or shape.model_tag
 checkpoint_dir = stage.checkpoint_dir
 # A resumed run keeps the recipe it started with: a new default must not change a run half-way
@@ -141,11 +145,7 @@ if (args.resume or args.resume_from_step >= 0) and list_steps(checkpoint_dir):
                  "--model-tag")
     if started_recipe != shape.recipe:
         print0(f"resume: keeping recipe {started_recipe}, the one this run started with (the default is {shape.recipe})")
-        try:
-            shape = run_shape(args.preset, device.type, world_size, compile=stage.use_compile, vocab_size=vocab_size,
-                              **{**shape_flags(args), "recipe": started_recipe})
-        except RunShapeError as e:
-            sys.exit(f"base_train: {e}")
+        shape = plan_run(recipe=started_recipe)
 user_config.update({name: getattr(shape, name) for name in shape_flags(args) if hasattr(shape, name)})  # as run
 if device.type == "cpu" and args.compile is None:  # a CPU compiles long runs only (training.should_compile)
     stage.use_compile = should_compile(None, "cpu", shape.num_iterations)
