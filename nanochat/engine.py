@@ -1,109 +1,207 @@
 """
-Inference: the KV cache, next-token sampling (temperature, top-k), the calculator tool, and
-the Engine that prefills a prompt once and then decodes num_samples continuations one token
-per step, running the tool for any row that writes <|python_start|>expr<|python_end|>.
+Inference: the KV cache, next-token sampling (temperature, top-k, top-p), the calculator tool,
+and the Engine, which decodes a changing set of sequences as one batch (continuous batching).
 
-Not for: training, the chat format (tokenizer.py renders conversations), or mixed precision
-(callers wrap generation in torch.autocast when they want bf16).
+Each Engine.step() runs one forward pass over every running sequence, one token each. Sequences
+join between steps: a new one's prompt is prefilled on its own (batch 1, so its cost does not
+depend on who else is running) and its first token is sampled in the same step; sequences that
+produce a stop token, reach their max_tokens or are cancelled leave at once and free their slot.
+Every sequence has its own temperature, top-k, top-p, random stream and calculator state, so
+what it generates does not depend on what else is in the batch.
+
+The KV cache layout: preallocated slots, one per sequence, each with room for a full context
+((num_layers, num_slots, H_kv, capacity, head_dim) keys and values), rather than pages. The running
+sequences always occupy slots 0..B-1: when one leaves, the last one moves into its slot (one copy
+of its cached rows, cheap next to the tokens decoded meanwhile), so every decode step reads the
+cache as a plain view, [0:B, :, 0:max length], with no gather and no paging table; rows shorter
+than the longest are masked. Pages (vLLM's PagedAttention) would use memory in proportion to the
+tokens actually cached rather than to the context, which matters when thousands of sequences
+share a GPU; with the tens that one desk GPU serves, slots cost little (a d20 slot of 2,048 bf16
+tokens is 200 MiB, see kv_cache_bytes) and keep the decode step simple enough for torch.compile.
+
+Not for: training, the chat format (tokenizer.py renders conversations), scheduling requests
+from many clients (scripts/chat_web.py does that and drives step() from one thread per model),
+or mixed precision (callers wrap generation in torch.autocast when they want bf16).
 """
 
 import ast
+import hashlib
 import math
 import operator
+import threading
+from collections import deque
 
 import torch
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so decoding step t costs
+    """Keys and values of every layer for the tokens each slot has seen, so decoding step t costs
     O(t) instead of re-running the whole prefix.
 
-    GPT.forward(idx, kv_cache=cache) calls insert_kv(layer_idx, k, v) once per layer; after
-    the last layer the position advances by T. Storage is allocated on the first insert (so
-    it takes the dtype/device of the keys and values, e.g. bf16 under autocast) and grows if a
-    sequence runs past max_seq_len. Tensors are (num_layers, B, H_kv, capacity, head_dim).
+    Storage is allocated on the first insert (taking the dtype/device of the keys and values,
+    e.g. bf16 under autocast), zero-filled (masked-out positions must hold finite numbers: a
+    softmax weight of 0 times NaN is NaN), and grows if a slot runs past `capacity`. Tensors are
+    (num_layers, num_slots, H_kv, capacity, head_dim); lengths[s] is the number of tokens slot s
+    holds (its next token's position).
+
+    A forward pass works on the slots select(first, count) chose (default: all): GPT.forward
+    calls prepare(B, T) once, then insert_kv(layer_idx, k, v) per layer; after the last layer
+    each selected slot's length grows by T.
     """
 
-    def __init__(self, batch_size, num_layers, max_seq_len):
-        self.batch_size = batch_size
-        self.num_layers = num_layers
-        self.capacity = max_seq_len
-        self.pos = 0  # number of tokens already cached (the position of the next token)
-        self.k = None
-        self.v = None
+    def __init__(self, num_slots, num_layers, capacity):
+        self.num_slots, self.num_layers, self.capacity = num_slots, num_layers, capacity
+        self.lengths = [0] * num_slots
+        self.k = self.v = None
+        self.first, self.count = 0, num_slots
 
-    def get_pos(self):
-        return self.pos
+    def select(self, first, count):
+        """The next forward pass feeds slots [first, first + count), one row each, in order."""
+        assert 0 <= first and count >= 1 and first + count <= self.num_slots, (first, count, self.num_slots)
+        self.first, self.count = first, count
+
+    def prepare(self, B, T, device):
+        """Set up a forward of T new tokens for each of the B selected slots.
+
+        Returns the positions of the new tokens: an int p when every row starts at p (positions
+        p..p+T-1), else a (B, T) int64 tensor. Afterwards self.t_key is the number of key
+        positions attention sees (the longest row's), and self.attn_mask / self.is_causal are
+        what F.scaled_dot_product_attention takes.
+        """
+        assert B == self.count, f"the cache selected {self.count} slots, the input has {B} rows"
+        starts = self.lengths[self.first:self.first + B]
+        self.t_key = max(starts) + T
+        if self.k is not None and self.t_key > self.k.size(3):
+            self._grow(self.t_key)
+        self.capacity = max(self.capacity, self.t_key)
+        if min(starts) == max(starts):  # every row at the same position: no per-row mask needed
+            start = starts[0]
+            self.rows_at = start
+            self.is_causal = start == 0 and T > 1
+            self.attn_mask = attention_mask(T, self.t_key, device) if start > 0 and T > 1 else None
+            return start
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        self.rows_at = positions
+        self.is_causal = False
+        # (B, 1, T, t_key): row b's query i sees keys up to its own position; keys past a shorter
+        # row's length hold another row's or an old sequence's data, and are masked here
+        self.attn_mask = torch.arange(self.t_key, device=device)[None, None, None, :] <= positions[:, None, :, None]
+        return positions
 
     def insert_kv(self, layer_idx, k, v):
-        """Append k, v of shape (B, H_kv, T, head_dim) for `layer_idx`; return the layer's keys
-        and values for positions [0, pos + T), each (B, H_kv, pos + T, head_dim)."""
+        """Store k, v of shape (B, H_kv, T, head_dim) at the selected slots' next positions;
+        return the layer's keys and values for positions [0, t_key), each (B, H_kv, t_key, head_dim)."""
         B, H, T, D = k.shape
-        assert B == self.batch_size, f"cache holds batch {self.batch_size}, got {B}"
-        end = self.pos + T
         if self.k is None:
-            self.k = k.new_empty(self.num_layers, B, H, max(self.capacity, end), D)
-            self.v = v.new_empty(self.num_layers, B, H, max(self.capacity, end), v.size(-1))
-        elif end > self.k.size(3):
-            self._grow(end)
-        self.k[layer_idx, :, :, self.pos:end] = k
-        self.v[layer_idx, :, :, self.pos:end] = v
+            self.k = k.new_zeros(self.num_layers, self.num_slots, H, self.capacity, D)
+            self.v = v.new_zeros(self.num_layers, self.num_slots, H, self.capacity, v.size(-1))
+        rows = slice(self.first, self.first + B)
+        if isinstance(self.rows_at, int):
+            self.k[layer_idx, rows, :, self.rows_at:self.rows_at + T] = k
+            self.v[layer_idx, rows, :, self.rows_at:self.rows_at + T] = v
+        else:  # ragged rows: scatter each (row, position) pair
+            slots = torch.arange(self.first, self.first + B, device=k.device)[:, None]  # (B, 1)
+            self.k[layer_idx, slots, :, self.rows_at] = k.transpose(1, 2)  # indexed as (B, T, H, D)
+            self.v[layer_idx, slots, :, self.rows_at] = v.transpose(1, 2)
         if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+            for s in range(self.first, self.first + B):
+                self.lengths[s] += T
+        return self.k[layer_idx, rows, :, :self.t_key], self.v[layer_idx, rows, :, :self.t_key]
 
     def _grow(self, needed):
         """Reallocate to at least `needed` positions, doubling, keeping the cached tokens."""
         new_capacity = max(needed, 2 * self.k.size(3))
         pad = new_capacity - self.k.size(3)
-        self.k = torch.cat([self.k, self.k.new_empty(*self.k.shape[:3], pad, self.k.size(4))], dim=3)
-        self.v = torch.cat([self.v, self.v.new_empty(*self.v.shape[:3], pad, self.v.size(4))], dim=3)
+        self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:3], pad, self.k.size(4))], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:3], pad, self.v.size(4))], dim=3)
         self.capacity = new_capacity
 
-    def expand(self, num_samples):
-        """A new cache of batch num_samples, each row a copy of this batch-1 cache (prefill once,
-        then sample num_samples continuations). Only the filled positions are copied."""
-        assert self.batch_size == 1, "expand() copies a batch-1 cache"
-        other = KVCache(num_samples, self.num_layers, self.capacity)
-        other.pos = self.pos
-        if self.k is not None:
-            other.k = self.k.new_empty(self.num_layers, num_samples, *self.k.shape[2:])
-            other.v = self.v.new_empty(self.num_layers, num_samples, *self.v.shape[2:])
-            other.k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos]  # broadcast over the batch
-            other.v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos]
-        return other
+    def copy_slot(self, src, dst):
+        """Make slot dst hold what slot src holds (only the filled positions are copied)."""
+        n = self.lengths[src]
+        if self.k is not None and n:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def clear_slot(self, slot):
+        self.lengths[slot] = 0
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """Pick one token per row.
+def kv_cache_bytes(config, num_slots, dtype, capacity=None):
+    """Bytes of a KVCache of num_slots slots of `capacity` tokens (default: the model's
+    sequence_len) for a GPTConfig, keys and values in `dtype`: 2 x n_layer x n_kv_head x head_dim x
+    capacity x num_slots x element size. A d20 (20 layers, 10 heads of 128) at 2,048 tokens in bf16
+    is 200 MiB per slot."""
+    head_dim = config.n_embd // config.n_head
+    capacity = config.sequence_len if capacity is None else capacity
+    return 2 * config.n_layer * config.n_kv_head * head_dim * capacity * num_slots * torch.empty((), dtype=dtype).element_size()
 
-    logits: (B, vocab_size) float; rng: a torch.Generator on logits.device (seeded by the
-    caller, so sampling is reproducible). temperature 0 means greedy (argmax, rng unused);
-    top_k keeps only the k largest logits; top_p (nucleus sampling, Holtzman et al. 2019,
-    https://arxiv.org/abs/1904.09751) then keeps the smallest set of most likely tokens whose
-    probability adds up to top_p (always at least the most likely one). Returns (B, 1) int64.
 
-    Raises:
-        ValueError: temperature < 0, top_k < 1, or top_p outside [0, 1].
+def attention_mask(t_query, t_key, device):
+    """Boolean (t_query, t_key) mask for queries at the last t_query of t_key positions.
+
+    Query i sits at absolute position t_key - t_query + i and may attend to keys <= it.
     """
+    offset = t_key - t_query
+    q_pos = torch.arange(t_query, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(t_key, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def sample_tokens(logits, uniforms, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row by inverse-CDF sampling with the given uniform draws.
+
+    logits: (B, vocab_size) float; uniforms: (B,) float in [0, 1) on logits.device, one per row
+    (a row's token depends only on its logits and its draw, never on the other rows: this is
+    what keeps a sequence's output independent of the batch it is decoded in). temperature 0
+    means greedy (argmax, draws unused); top_k keeps the k largest logits; top_p (nucleus
+    sampling, Holtzman et al. 2019, https://arxiv.org/abs/1904.09751) then keeps the smallest set
+    of most likely tokens whose probability adds up to top_p (always at least the most likely
+    one). Returns (B,) int64. Arguments are not checked (sample_next_token checks them).
+    """
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    indices = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, indices = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1:
+        if indices is None:
+            probs, indices = probs.sort(dim=-1, descending=True)
+        beyond = probs.cumsum(dim=-1) - probs > top_p  # the mass before them already exceeds top_p
+        probs = probs.masked_fill(beyond, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, k)
+    # the first token whose cumulative probability passes u x total; zero-probability tokens
+    # never do (their cdf equals their predecessor's)
+    choice = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1), right=True)
+    choice = choice.clamp_max(cdf.size(-1) - 1)  # (B, 1)
+    return (choice if indices is None else indices.gather(-1, choice))[:, 0]
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError for temperature < 0, top_k < 1, or top_p outside [0, 1]."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 <= top_p <= 1:
         raise ValueError(f"top_p must be in [0, 1] or None, got {top_p}")
-    if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    indices = None
-    if top_k is not None:
-        logits, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p is not None and top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        beyond = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # the mass before them already exceeds top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(beyond, 0.0))
-    choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1)
-    return choice if indices is None else indices.gather(-1, choice)
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row, all rows with the same settings and one random stream.
+
+    logits: (B, vocab_size) float; rng: a torch.Generator on logits.device (seeded by the
+    caller, so sampling is reproducible; B uniforms are drawn from it per call, greedy or not).
+    See sample_tokens for the settings. Returns (B, 1) int64.
+
+    Raises:
+        ValueError: temperature < 0, top_k < 1, or top_p outside [0, 1].
+    """
+    check_sampling(temperature, top_k, top_p)
+    uniforms = torch.rand(logits.size(0), generator=rng, device=rng.device).to(logits.device)
+    return sample_tokens(logits, uniforms, temperature, top_k, top_p)[:, None]
 
 
 # The calculator: arithmetic on numbers and str.count, evaluated by walking the syntax tree
@@ -176,63 +274,264 @@ class RowState:
         self.forced = []
 
 
-class Engine:
-    """Generation with a KV cache for a GPT and a tokenizer that has encode_special(name) and
-    get_bos_token_id(). Rows stop at <|assistant_end|> or <|bos|>."""
+class Sequence:
+    """One sequence the Engine decodes: its prompt, limits and sampling settings, its own random
+    stream, its calculator state and, while it runs, its KV-cache slot.
 
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
+    What callers read: tokens (the prompt and every token emitted so far), num_generated,
+    finish_reason (None while it runs; "stop": it emitted a stop token, the last of tokens;
+    "length": max_tokens emitted; "cancelled": cancel() was called; "error": the model raised).
+    """
+
+    def __init__(self, tokens, max_tokens, temperature, top_k, top_p, seed):
+        self.tokens = list(tokens)
+        self.prompt_len = len(tokens)
+        self.max_tokens = max_tokens
+        self.sampling = (temperature, top_k, top_p)
+        self.rng = torch.Generator().manual_seed(seed)  # on the CPU: one uniform per step, whatever the device
+        self.tool = RowState()
+        self.slot = None
+        self.num_generated = 0
+        self.finish_reason = None
+        self.cancelled = False
+        self.fork_of = None  # a sequence with the same prompt added just before: its prefill is copied
+
+    @property
+    def finished(self):
+        return self.finish_reason is not None
+
+    def cancel(self):
+        """Stop this sequence (from any thread): it leaves the batch at the next step and frees its slot."""
+        self.cancelled = True
+
+
+def row_seed(seed, row):
+    """The seed of row `row` of a request seeded `seed`: `seed` itself for row 0, and for the
+    others a 63-bit hash of (seed, row), so rows and nearby seeds get unrelated streams."""
+    if row == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Engine:
+    """Continuous-batching generation with a KV cache, for a GPT and a tokenizer that has
+    encode_special(name) and get_bos_token_id(). Sequences stop at <|assistant_end|> or <|bos|>.
+
+    add() queues sequences (thread-safe); step() advances every running sequence by one token.
+    generate() / generate_batch() / generate_many() drive step() themselves for callers with a
+    fixed set of prompts (chat_eval, chat_rl, chat_cli); they must not share an Engine with a
+    thread that calls step(). max_batch bounds the running sequences (None: no bound).
+    """
+
+    def __init__(self, model, tokenizer, max_batch=None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.tool = self._tool_tokens()
+        self.cache = None
+        self.running = []  # running[i] holds slot i
+        self.logits = None  # (len(running), vocab_size) fp32: each running sequence's next-token logits
+        self.waiting = deque()
+        self.lock = threading.Lock()  # guards `waiting`, which add() fills from other threads
+
+    def add(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, num_samples=1):
+        """Queue num_samples sequences continuing `tokens` (a list of ints); they join the batch
+        at a coming step (the first of them prefills the prompt, the others copy its cache).
+        max_tokens: tokens to generate at most (default: up to the model's sequence_len). Row i
+        samples with row_seed(seed, i). Returns the list of Sequence.
+
+        Raises:
+            ValueError: empty `tokens`, num_samples < 1, max_tokens < 0, bad sampling settings
+                (see sample_next_token), or prompt + max_tokens past the model's rotary tables.
+        """
+        if not tokens:
+            raise ValueError("generation needs at least one prompt token (e.g. <|bos|>)")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        check_sampling(temperature, top_k, top_p)
+        if max_tokens is None:
+            max_tokens = max(0, self.model.config.sequence_len - len(tokens))
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        rotary = getattr(self.model, "cos", None)
+        if rotary is not None and len(tokens) + max_tokens > rotary.size(1):
+            raise ValueError(f"{len(tokens)} prompt tokens + max_tokens {max_tokens} run past the model's "
+                             f"{rotary.size(1)} positions")
+        seqs = [Sequence(tokens, max_tokens, temperature, top_k, top_p, row_seed(seed, i)) for i in range(num_samples)]
+        for seq in seqs[1:]:
+            seq.fork_of = seqs[0]
+        for seq in seqs:
+            if max_tokens == 0:
+                seq.finish_reason = "length"
+        with self.lock:
+            self.waiting.extend(seq for seq in seqs if not seq.finished)
+        return seqs
+
+    def has_work(self):
+        """Whether step() has anything to do (running or waiting sequences)."""
+        return bool(self.running or self.waiting)
+
+    def num_waiting(self):
+        return len(self.waiting)
 
     @torch.inference_mode()
+    def step(self):
+        """One step of the batch: drop cancelled sequences, prefill waiting ones into free slots,
+        sample one token for every running sequence, retire the finished, and run one decode
+        forward over the rest (B rows of one token each, each at its own position).
+
+        Returns [(sequence, token, mask)] for every sequence that emitted a token: mask 1 for a
+        sampled token, 0 for one forced by the calculator tool. A sequence whose
+        finish_reason is set afterwards has left the batch.
+        """
+        self._retire([seq for seq in self.running if seq.cancelled], "cancelled")
+        self._admit()
+        if not self.running:
+            return []
+        events = self._sample()
+        self._retire([seq for seq, _, _ in events if seq.finished], None)
+        if self.running:
+            device = self.model.lm_head.weight.device
+            ids = torch.tensor([[seq.tokens[-1]] for seq in self.running], dtype=torch.long, device=device)  # (B, 1)
+            self.cache.select(0, len(self.running))
+            self.logits = self.model(ids, kv_cache=self.cache)[:, -1, :]  # (B, vocab_size)
+        return events
+
+    def reset(self):
+        """Drop every running and waiting sequence (after the model raised in step()); returns
+        them, each with finish_reason "error" unless it had finished. The cache stays allocated."""
+        with self.lock:
+            dropped = self.running + list(self.waiting)
+            self.waiting.clear()
+        self.running, self.logits = [], None
+        if self.cache is not None:
+            self.cache.lengths = [0] * self.cache.num_slots
+        for seq in dropped:
+            seq.slot = None
+            if not seq.finished:
+                seq.finish_reason = "error"
+        return dropped
+
+    def _ensure_slots(self, num_slots):
+        n_layer = self.model.config.n_layer
+        if self.cache is None:
+            self.cache = KVCache(max(num_slots, self.max_batch or 0), n_layer, self.model.config.sequence_len)
+        elif num_slots > self.cache.num_slots:  # grow (max_batch None): double, keeping what is cached
+            cache, grown = self.cache, max(num_slots, 2 * self.cache.num_slots)
+            if cache.k is not None:
+                pad = grown - cache.num_slots
+                cache.k = torch.cat([cache.k, cache.k.new_zeros(cache.k.size(0), pad, *cache.k.shape[2:])], dim=1)
+                cache.v = torch.cat([cache.v, cache.v.new_zeros(cache.v.size(0), pad, *cache.v.shape[2:])], dim=1)
+            cache.lengths += [0] * (grown - cache.num_slots)
+            cache.num_slots = grown
+
+    def _admit(self):
+        """Move waiting sequences into free slots, prefilling each prompt (batch 1) or copying the
+        prefill of the sequence it was forked from, when that one was admitted in this call."""
+        device = self.model.lm_head.weight.device
+        prefilled = set()
+        while self.max_batch is None or len(self.running) < self.max_batch:
+            with self.lock:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                continue
+            slot = len(self.running)
+            self._ensure_slots(slot + 1)
+            seq.slot = slot
+            self.running.append(seq)
+            source = seq.fork_of
+            if source is not None and id(source) in prefilled and source.slot is not None:
+                self.cache.copy_slot(source.slot, slot)
+                row = self.logits[source.slot:source.slot + 1]
+            else:
+                self.cache.clear_slot(slot)
+                self.cache.select(slot, 1)
+                ids = torch.tensor([seq.tokens], dtype=torch.long, device=device)  # (1, T)
+                row = self.model(ids, kv_cache=self.cache)[:, -1, :]  # (1, vocab_size)
+                prefilled.add(id(seq))
+            self.logits = row if self.logits is None or slot == 0 else torch.cat([self.logits, row])
+
+    def _sample(self):
+        """Sample every running sequence's next token (rows grouped by sampling settings, each
+        row with its own uniform draw), apply the calculator, and mark finished sequences."""
+        device = self.logits.device
+        uniforms = torch.cat([torch.rand(1, generator=seq.rng) for seq in self.running]).to(device)  # (B,)
+        groups = {}
+        for i, seq in enumerate(self.running):
+            groups.setdefault(seq.sampling, []).append(i)
+        if len(groups) == 1:
+            sampled = sample_tokens(self.logits, uniforms, *self.running[0].sampling)
+        else:
+            sampled = torch.empty(len(self.running), dtype=torch.long, device=device)
+            for settings, rows in groups.items():
+                index = torch.tensor(rows, device=device)
+                sampled[index] = sample_tokens(self.logits[index], uniforms[index], *settings)
+        events = []
+        for seq, token in zip(self.running, sampled.tolist()):
+            forced = bool(seq.tool.forced)
+            if forced:
+                token = seq.tool.forced.pop(0)
+            if self.tool is not None:
+                self._advance_tool(seq.tool, token)
+            seq.tokens.append(token)
+            seq.num_generated += 1
+            if token in self.stop_tokens:
+                seq.finish_reason = "stop"
+            elif seq.num_generated >= seq.max_tokens:
+                seq.finish_reason = "length"
+            events.append((seq, token, 0 if forced else 1))
+        return events
+
+    def _retire(self, seqs, reason):
+        """Free the slots of `seqs` (setting finish_reason to `reason` where given), keeping the
+        running sequences in slots 0..B-1: the last one moves into each freed slot."""
+        for seq in sorted(seqs, key=lambda s: s.slot, reverse=True):
+            if reason is not None:
+                seq.finish_reason = reason
+            last = self.running.pop()
+            if last is not seq:
+                self.cache.copy_slot(last.slot, seq.slot)
+                if self.logits is not None:
+                    self.logits[seq.slot] = self.logits[last.slot]
+                last.slot = seq.slot
+                self.running[seq.slot] = last
+            self.cache.clear_slot(len(self.running))
+            seq.slot = None
+        if seqs and self.logits is not None:
+            self.logits = self.logits[:len(self.running)]
+
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """Prefill `tokens` (a list of ints) once, then decode num_samples rows one token per step.
 
         Yields (token_column, token_masks) per step: lists of num_samples ints, the token each
         row produced and 1 for a sampled token, 0 for a token forced by the calculator tool
-        (<|output_start|>result<|output_end|> after a row's <|python_end|>). Ends after max_tokens steps (default: until
-        the model's sequence_len is reached) or once every row has produced a stop token; a row
-        that already stopped keeps producing tokens until then, which callers ignore
-        (generate_batch does).
+        (<|output_start|>result<|output_end|> after a row's <|python_end|>). Ends after max_tokens
+        steps (default: until the model's sequence_len is reached) or once every row has produced
+        a stop token; a row that stopped has left the batch and repeats its stop token (mask 0)
+        until then, which callers ignore (generate_batch does).
 
         Raises:
-            ValueError: empty `tokens`, or num_samples < 1.
+            ValueError: see add(); also num_samples > max_batch.
         """
-        if not tokens:
-            raise ValueError("generate() needs at least one prompt token (e.g. <|bos|>)")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        device = self.model.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
-        if max_tokens is None:
-            max_tokens = max(0, self.model.config.sequence_len - len(tokens))
-        n_layer = self.model.config.n_layer
-        prefill_cache = KVCache(1, n_layer, len(tokens) + max_tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, vocab_size)
-        logits = logits.expand(num_samples, -1)  # (num_samples, vocab_size)
-        kv_cache = prefill_cache.expand(num_samples)
-        del prefill_cache
-        tool = self._tool_tokens()
-        rows = [RowState() for _ in range(num_samples)]
-        done = [False] * num_samples
-        for step in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # num_samples ints
-            token_column, token_masks = [], []
-            for row, token in zip(rows, sampled):
-                forced = bool(row.forced)
-                token = row.forced.pop(0) if forced else token
-                token_column.append(token)
-                token_masks.append(0 if forced else 1)
-                if tool is not None:
-                    self._advance_tool(row, token, tool)
-            yield token_column, token_masks
-            done = [d or t in stop_tokens for d, t in zip(done, token_column)]
-            if all(done) or step == max_tokens - 1:
-                break
-            next_ids = torch.tensor(token_column, dtype=torch.long, device=device)[:, None]  # (num_samples, 1)
-            logits = self.model(next_ids, kv_cache=kv_cache)[:, -1, :]  # (num_samples, vocab_size)
+        if self.max_batch is not None and num_samples > self.max_batch:
+            raise ValueError(f"num_samples {num_samples} > this engine's max_batch {self.max_batch}")
+        assert not self.has_work(), "generate() drives the engine itself: it is busy with other sequences"
+        seqs = self.add(tokens, max_tokens, temperature, top_k, top_p, seed, num_samples)
+        row_of = {id(seq): i for i, seq in enumerate(seqs)}
+        try:
+            while self.has_work():
+                events = self.step()
+                token_column = [seq.tokens[-1] for seq in seqs]
+                token_masks = [0] * num_samples
+                for seq, token, mask in events:
+                    token_masks[row_of[id(seq)]] = mask
+                yield token_column, token_masks
+        finally:  # the caller stopped early (or step raised): the engine is free again
+            self.reset()
 
     def _tool_tokens(self):
         """The ids of the tool's special tokens, or None for a tokenizer without them."""
@@ -242,8 +541,9 @@ class Engine:
         except (KeyError, ValueError):
             return None
 
-    def _advance_tool(self, row, token, tool):
+    def _advance_tool(self, row, token):
         """Feed one emitted token to a row's tool state; on <|python_end|> queue the result."""
+        tool = self.tool
         if token == tool["python_start"]:
             row.in_python, row.python_tokens = True, []
         elif token == tool["python_end"] and row.in_python:
@@ -261,20 +561,40 @@ class Engine:
         row's generated tokens up to (not including) its stop token; masks has 0 for the prompt
         tokens and the generate() mask for the rest. kwargs: those of generate().
         """
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
-        results = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
-        for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
-            for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-                if done[i]:
-                    continue
-                if token in stop_tokens:
-                    done[i] = True
-                else:
-                    results[i].append(token)
-                    masks[i].append(mask)
-        return results, masks
+        return self.generate_many([tokens], num_samples, max_batch=None, **kwargs)[0]
+
+    def generate_many(self, prompts, num_samples=1, max_batch=32, seeds=None, **kwargs):
+        """Generate num_samples rows for each of `prompts` (lists of ints), continuously batched:
+        at most max_batch sequences run at once (None: all), and as one finishes the next joins.
+
+        seeds: one per prompt (default: kwargs' seed, else 42, for every prompt). kwargs:
+        max_tokens, temperature, top_k, top_p. Returns one (results, masks) per prompt, as
+        generate_batch returns them; each prompt's rows are what generate_batch gives alone.
+
+        Raises:
+            ValueError: see add().
+        """
+        assert not self.has_work(), "generate_many() drives the engine itself: it is busy with other sequences"
+        seed = kwargs.pop("seed", 42)
+        seeds = [seed] * len(prompts) if seeds is None else list(seeds)
+        outputs = [([list(p) for _ in range(num_samples)], [[0] * len(p) for _ in range(num_samples)]) for p in prompts]
+        rows_of, pending, in_flight = {}, deque(range(len(prompts))), 0
+        try:
+            while pending or self.has_work():
+                while pending and (max_batch is None or in_flight + num_samples <= max(max_batch, num_samples)):
+                    p = pending.popleft()
+                    for row, seq in enumerate(self.add(prompts[p], seed=seeds[p], num_samples=num_samples, **kwargs)):
+                        rows_of[id(seq)] = (seq, outputs[p][0][row], outputs[p][1][row])  # seq kept alive: ids stay unique
+                        in_flight += not seq.finished
+                for seq, token, mask in self.step():
+                    _, result, masks = rows_of[id(seq)]
+                    if seq.finish_reason != "stop":
+                        result.append(token)
+                        masks.append(mask)
+                    in_flight -= seq.finished
+        finally:
+            self.reset()
+        return outputs
 
 
 class TokenDecoder:

@@ -106,17 +106,6 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([y1, y2], dim=-1).to(x.dtype)
 
 
-def attention_mask(t_query, t_key, device):
-    """Boolean (t_query, t_key) mask for queries at the last t_query of t_key positions.
-
-    Query i sits at absolute position t_key - t_query + i and may attend to keys <= it.
-    """
-    offset = t_key - t_query
-    q_pos = torch.arange(t_query, device=device).unsqueeze(1) + offset
-    k_pos = torch.arange(t_key, device=device).unsqueeze(0)
-    return k_pos <= q_pos
-
-
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention with RoPE, QK-norm and grouped-query heads.
 
@@ -156,19 +145,15 @@ class CausalSelfAttention(nn.Module):
         # (Henry et al. 2020, https://arxiv.org/abs/2010.04245; Dehghani et al. 2023, ViT-22B)
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_cached + T, D)
-        t_key = k.size(2)
         # enable_gqa shares each k/v head among n_head/n_kv_head query heads without copying; on
         # CUDA only the flash backend takes it, so it is passed only when the heads differ
         gqa = self.n_kv_head != self.n_head
-        if T == t_key:  # training, or a prefill into an empty cache: plain causal
+        if kv_cache is None:  # training: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:  # one-token decode: the query is the newest position and sees every key
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # several new tokens after a cached prefix: causal with an offset
-            mask = attention_mask(T, t_key, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:  # the cache says which keys each query sees (causal with an offset, per row when ragged)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, t_key, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask, is_causal=kv_cache.is_causal,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, n_head * head_dim)
         return self.c_proj(y)
 
@@ -373,17 +358,21 @@ class GPT(nn.Module):
         Returns fp32 logits (B, T, vocab_size) when targets is None; otherwise the
         cross-entropy loss against targets (B, T) int64, where -1 marks positions to ignore:
         a scalar for loss_reduction "mean" (over non-ignored positions) or "sum", and (B, T)
-        per-position losses (0 where ignored) for "none". With kv_cache (engine.KVCache), idx
-        continues the cached sequence: its tokens sit at positions kv_cache.get_pos() onwards.
+        per-position losses (0 where ignored) for "none". With kv_cache (engine.KVCache), row b of idx
+        continues the sequence cached in the b-th slot the cache selected, at that slot's length onwards.
 
         Raises:
             ValueError: the sequence runs past the rotary tables (10 x sequence_len).
         """
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"position {t0 + T} is past the rotary tables ({self.cos.size(1)} = 10 x sequence_len)")
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]  # fp32 (1, T, 1, head_dim/2)
+        positions = 0 if kv_cache is None else kv_cache.prepare(B, T, idx.device)  # int, or (B, T) when rows differ
+        end = T if kv_cache is None else kv_cache.t_key
+        if end > self.cos.size(1):
+            raise ValueError(f"position {end} is past the rotary tables ({self.cos.size(1)} = 10 x sequence_len)")
+        if isinstance(positions, int):
+            cos, sin = self.cos[:, positions:positions + T], self.sin[:, positions:positions + T]  # fp32 (1, T, 1, head_dim/2)
+        else:
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # fp32 (B, T, 1, head_dim/2)
         if torch.is_autocast_enabled(idx.device.type):  # bf16 q/k are rotated in bf16 (as upstream); fp32 runs in fp32
             dtype = torch.get_autocast_dtype(idx.device.type)
             cos, sin = cos.to(dtype), sin.to(dtype)

@@ -157,18 +157,20 @@ def test_sampled_generation_matches_naive_sampling_with_the_same_rng():
     assert results[0] == ids
 
 
-def test_kv_cache_expand_copies_rows_and_keeps_position():
-    cache = KVCache(batch_size=1, num_layers=2, max_seq_len=4)
+def test_kv_cache_copy_slot_copies_the_filled_positions():
+    cache = KVCache(num_slots=3, num_layers=2, capacity=4)
+    cache.select(0, 1)
     k = torch.randn(1, 3, 2, 5)
+    cache.prepare(1, 2, "cpu")
     for layer in range(2):
         cache.insert_kv(layer, k, -k)
-    wide = cache.expand(3)
-    assert wide.get_pos() == 2 and wide.batch_size == 3
-    k_all, v_all = wide.insert_kv(0, torch.zeros(3, 3, 1, 5), torch.zeros(3, 3, 1, 5))
-    assert k_all.shape == (3, 3, 3, 5)
-    assert torch.equal(k_all[:, :, :2], k.expand(3, -1, -1, -1))
-    assert torch.equal(v_all[:, :, :2], -k.expand(3, -1, -1, -1))
-    assert cache.get_pos() == 2  # the original is untouched
+    cache.copy_slot(0, 2)
+    assert cache.lengths == [2, 0, 2]
+    cache.select(2, 1)
+    cache.prepare(1, 1, "cpu")
+    k_all, v_all = cache.insert_kv(0, torch.zeros(1, 3, 1, 5), torch.zeros(1, 3, 1, 5))
+    assert k_all.shape == (1, 3, 3, 5)
+    assert torch.equal(k_all[:, :, :2], k) and torch.equal(v_all[:, :, :2], -k)
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def test_bf16_kv_cache_holds_bf16_keys_and_values_and_matches_the_full_forward(a
         emulate_cuda_autocast_norm(monkeypatch)
     model = build_model(n_kv_head=n_kv_head)
     idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(batch_size=2, num_layers=model.config.n_layer, max_seq_len=8)  # small: forces growth
+    cache = KVCache(num_slots=2, num_layers=model.config.n_layer, capacity=8)  # small: forces growth
     inserted = []
     insert_kv = cache.insert_kv
     cache.insert_kv = lambda layer, k, v: inserted.append((k.dtype, v.dtype)) or insert_kv(layer, k, v)
@@ -323,3 +325,103 @@ def test_top_p_keeps_the_nucleus_only():
     assert set(sample_next_token(logits, rng, temperature=1.0, top_k=2, top_p=0.5)[:, 0].tolist()) == {0}
     with pytest.raises(ValueError, match="top_p"):
         sample_next_token(logits, rng, top_p=1.5)
+
+
+# ---------------------------------------------------------------------------
+# Continuous batching
+
+def run_alone(model, prompt, **settings):
+    engine = Engine(model, NEVER_STOPS)
+    (seq,) = engine.add(prompt, **settings)
+    while engine.has_work():
+        engine.step()
+    return seq.tokens[len(prompt):]
+
+
+def test_a_sequence_generates_the_same_tokens_alone_and_in_a_changing_batch():
+    """Sequences join and leave around it (other prompts, lengths, settings), and some are
+    cancelled; each one's tokens are those it generates alone."""
+    model = build_model(n_kv_head=1)
+    requests = [([BOS, 5, 9], dict(max_tokens=20, temperature=0.9, top_k=20, seed=1)),
+                ([BOS, 3], dict(max_tokens=6, temperature=0.0)),
+                ([BOS, 7, 7, 7, 7, 7, 7, 2], dict(max_tokens=11, temperature=1.3, top_p=0.8, seed=2)),
+                ([BOS, 5, 9], dict(max_tokens=20, temperature=0.9, top_k=20, seed=3)),
+                ([BOS, 1, 2, 3, 4], dict(max_tokens=9, temperature=0.7, seed=4))]
+    engine = Engine(model, NEVER_STOPS, max_batch=3)
+    seqs = [engine.add(requests[0][0], **requests[0][1])[0]]
+    for step in range(60):
+        if step in (1, 2, 4, 5):  # joiners: the queue holds them while all 3 slots are busy
+            i = {1: 1, 2: 2, 4: 3, 5: 4}[step]
+            seqs += engine.add(requests[i][0], **requests[i][1])
+        if step == 3:
+            cancelled = engine.add([BOS, 8, 8], max_tokens=30, temperature=1.0, seed=9)[0]
+        if step == 8:
+            cancelled.cancel()
+        assert len(engine.running) <= 3
+        engine.step()
+        assert [s.slot for s in engine.running] == list(range(len(engine.running)))
+    assert not engine.has_work()
+    assert cancelled.finish_reason == "cancelled" and cancelled.slot is None
+    for seq, (prompt, settings) in zip(seqs, requests):
+        assert seq.finish_reason == "length"
+        assert seq.tokens[len(prompt):] == run_alone(model, prompt, **settings)
+    assert seqs[0].tokens != seqs[3].tokens  # the seed, not the batch, decides
+
+
+def test_bf16_sequences_in_a_batch_stay_near_greedy():
+    """Under bf16 autocast the ragged batch rounds differently from one row alone, so exact
+    equality is not promised; each greedy token is still the full forward's argmax within the
+    bf16 tolerance."""
+    model = build_model(n_kv_head=1)
+    engine = Engine(model, NEVER_STOPS)
+    prompts = [[BOS, 5, 9, 17, 3], [BOS, 2], [BOS, 9, 9, 9, 9, 9, 9, 9, 9, 1]]
+    with bf16_autocast():
+        outputs = engine.generate_many(prompts, max_tokens=12, temperature=0.0)
+    for prompt, (results, _) in zip(prompts, outputs):
+        assert_near_greedy(model, prompt, results[0][len(prompt):], bf16_autocast(), BF16_CACHE_ATOL)
+
+
+def test_cancel_frees_the_slot_at_the_next_step_and_queued_sequences_take_it():
+    model = build_model()
+    engine = Engine(model, NEVER_STOPS, max_batch=2)
+    a, b, c = (engine.add([BOS, i], max_tokens=50, temperature=1.0, seed=i)[0] for i in range(3))
+    engine.step()
+    assert [s.slot for s in (a, b, c)] == [0, 1, None] and engine.num_waiting() == 1
+    a.cancel()
+    events = engine.step()
+    assert a.finish_reason == "cancelled" and a.slot is None
+    assert {id(s) for s, _, _ in events} == {id(b), id(c)} and (b.slot, c.slot) == (0, 1)  # b moved into the freed slot
+    queued = engine.add([BOS, 4], max_tokens=50)[0]
+    queued.cancel()  # cancelled before it ever ran: it never takes a slot
+    b.cancel(), c.cancel()
+    assert engine.step() == [] and not engine.has_work()
+    assert queued.finish_reason == "cancelled"
+
+
+def test_generate_many_matches_each_prompt_alone_and_bounds_the_batch():
+    model = build_model(n_kv_head=2)
+    prompts = [[BOS, i, i + 1] for i in range(7)]
+    engine = Engine(model, TinyTokenizer())
+    widths = []
+    step = engine.step
+    engine.step = lambda: widths.append(len(engine.running) + engine.num_waiting()) or step()
+    outputs = engine.generate_many(prompts, num_samples=2, max_batch=4, seeds=range(7), max_tokens=10, temperature=1.0)
+    assert max(widths) == 4 and not engine.has_work()
+    for i, prompt in enumerate(prompts):
+        alone = Engine(model, TinyTokenizer()).generate_batch(prompt, 2, seed=i, max_tokens=10, temperature=1.0)
+        assert outputs[i] == alone
+
+
+def test_an_abandoned_generate_leaves_the_engine_free():
+    engine = Engine(build_model(), NEVER_STOPS)
+    for _ in zip(range(3), engine.generate([BOS, 1], num_samples=2, max_tokens=20)):
+        pass
+    assert not engine.has_work()
+    assert len(engine.generate_batch([BOS, 1], max_tokens=4)[0][0]) == 6
+
+
+def test_kv_cache_bytes_counts_keys_and_values_of_every_layer():
+    from nanochat.engine import kv_cache_bytes
+    d20 = GPTConfig.from_depth(20, sequence_len=2048)
+    assert kv_cache_bytes(d20, 1, torch.bfloat16) == 200 * 2 ** 20  # 2 x 20 x 10 x 128 x 2048 x 2 bytes
+    assert kv_cache_bytes(d20, 3, torch.float32, capacity=100) == 2 * 20 * 1280 * 100 * 3 * 4

@@ -105,26 +105,37 @@ def test_kv_cache_decoding_matches_full_forward(config):
         randomize_modern_parameters(model)
     idx = torch.randint(0, config.vocab_size, (3, 20))
     full = model(idx)  # (3, 20, V)
-    cache = KVCache(batch_size=3, num_layers=config.n_layer, max_seq_len=8)  # small: forces growth
+    cache = KVCache(num_slots=3, num_layers=config.n_layer, capacity=8)  # small: forces growth
     pieces = [model(idx[:, :12], kv_cache=cache)]  # prefill
     pieces.append(model(idx[:, 12:15], kv_cache=cache))  # a chunk of 3 after the prefix
     for t in range(15, 20):  # then single tokens
         pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
-    assert cache.get_pos() == 20
+    assert cache.lengths == [20, 20, 20]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_expand_continues_each_row_independently():
+def test_kv_cache_rows_at_different_positions_match_their_full_forwards():
+    """Continuous batching: slots holding prefixes of different lengths decode one token each in
+    one forward (per-row rotary positions and masks), and a copied slot continues independently."""
     model = build(TINY)
     randomize_residual_projections(model)
-    prompt = torch.randint(0, TINY.vocab_size, (1, 9))
-    cache = KVCache(1, TINY.n_layer, 16)
-    model(prompt, kv_cache=cache)
-    wide = cache.expand(2)
-    nxt = torch.tensor([[3], [7]])
-    got = model(nxt, kv_cache=wide)[:, 0]  # (2, V)
-    want = model(torch.cat([prompt.expand(2, -1), nxt], dim=1))[:, -1]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TINY.vocab_size, (1, n), generator=g) for n in (9, 4, 13)]
+    cache = KVCache(4, TINY.n_layer, 16)
+    for slot, prompt in enumerate(prompts):  # each prefilled alone into its own slot
+        cache.select(slot, 1)
+        model(prompt, kv_cache=cache)
+    cache.copy_slot(1, 3)
+    prompts.append(prompts[1])
+    nxt = torch.tensor([[3], [7], [5], [1]])
+    cache.select(0, 4)
+    for _ in range(2):  # two ragged decode steps
+        got = model(nxt, kv_cache=cache)[:, 0]  # (4, V)
+        prompts = [torch.cat([p, n[None]], dim=1) for p, n in zip(prompts, nxt)]
+        want = torch.cat([model(p)[:, -1] for p in prompts])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        nxt = got.argmax(-1, keepdim=True)
+    assert cache.lengths == [11, 6, 15, 6]
 
 
 def test_loss_ignores_minus_one_targets_and_reductions_agree():
