@@ -1,6 +1,9 @@
 """
 Serve a trained model over HTTP: the ChatGPT-like page, the page's streaming endpoint, and an
-OpenAI-compatible API, with one model replica (worker) per GPU.
+OpenAI-compatible API, with one model replica (worker) per GPU. Each replica decodes up to
+--max-batch requests together, one forward pass per token for all of them (the Engine's
+continuous batching): a new request joins the running batch at the next step, a finished or
+hung-up one leaves it at once.
 
     python -m scripts.chat_web                                    # most advanced stage: rl > sft > mid > base
     python -m scripts.chat_web --source sft --model-tag d20 --step 700 --port 8000
@@ -11,13 +14,15 @@ Endpoints:
     POST /chat/completions      the page's stream: data: {"token", "kind": text|python|output} ... data: {"done": true}
     POST /v1/chat/completions   OpenAI chat completions, streaming (SSE) or not; n must be 1
     GET  /v1/models             the loaded model, e.g. nanochat-sft-d20-step700
-    GET  /health, GET /stats    liveness; workers busy/free, requests served, tokens generated, tokens/s
+    GET  /health, GET /stats    liveness; slots in use, requests waiting, tokens generated, tokens/s,
+                                time to first token p50/p95
 
 Errors are in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid JSON or a
 limit (message length, context length, n != 1, role order), 401 wrong or missing API key (/v1
 routes, with --api-key), 404 unknown route or model, 413 body over --max-body-bytes, 422 a field
 of the wrong type or out of range, 429 the wait queue is full (--max-queue), 503 no worker came
-free within --queue-timeout. Sampling honours temperature, top_p (nucleus) and top_k (accepted as
+free within --queue-timeout (a request waits only when every slot of every replica is
+decoding). Sampling honours temperature, top_p (nucleus) and top_k (accepted as
 an extension field). A request without max_tokens gets --max-tokens cut to the room the prompt
 leaves in the model's context; a max_tokens that cannot fit is a 400 (context_length_exceeded), as
 at OpenAI. In /v1 content, tool calls appear as the
@@ -26,8 +31,8 @@ special tokens that delimit them (<|python_start|>1+1<|python_end|><|output_star
 The app is built by create_app() from loaded models (tests build it in process); main() parses
 the flags, loads the replicas and runs uvicorn.
 
-Not for: batching many requests through one replica, or serving the public internet without a
-proxy in front (the page and its endpoint are not behind --api-key).
+Not for: serving the public internet without a proxy in front (the page and its endpoint are not
+behind --api-key).
 """
 
 import asyncio
@@ -42,6 +47,7 @@ from collections import deque
 from contextlib import nullcontext
 from typing import Literal
 
+import psutil
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -52,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.checkpoint_manager import STAGE_DIRS, find_default_source, load_model
 from nanochat.common import ArgumentParser, autodetect_device_type, autodetect_dtype, compute_init, print0
-from nanochat.engine import Engine, TokenDecoder
+from nanochat.engine import Engine, TokenDecoder, kv_cache_bytes
 
 # Limits on one request; each error message states the number
 MAX_MESSAGES = 500
@@ -83,9 +89,13 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="Bearer key the /v1 routes require (default: $NANOCHAT_API_KEY, or none)")
     parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a free worker before a 503")
+    parser.add_argument("--max-batch", type=int, default=None, help="requests each replica decodes together (default: the "
+                        "KV-cache slots that fit half the free GPU memory, at most 64; on CPU a quarter of free RAM, at most 16)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     args = parser.parse_args(argv)
+    if args.max_batch is not None and args.max_batch < 1:
+        sys.exit(f"chat_web: --max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
         sys.exit(f"chat_web: --temperature must be in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_NEW_TOKENS}")
     return args
@@ -113,122 +123,191 @@ def error_body(status, message, param=None, code=None):
 # Workers: a fair FIFO of requests waiting for a free replica
 
 class Worker:
-    """One model replica on one device; it serves one request at a time."""
+    """One model replica on one device. A thread of its own (the model is synchronous) runs the
+    replica's Engine: up to max_batch requests are decoded together, one forward pass per token
+    for all of them (continuous batching: requests join and leave between steps).
 
-    def __init__(self, index, model, tokenizer, dtype):
+    submit() hands it a Generation (event loop thread); the thread adds it to the engine, streams
+    its tokens back, and ends it (the slot goes back to the pool) after a stop token, max_tokens,
+    a cancel, or an error of the model (which ends every request in that batch: the engine is
+    reset and the replica serves on). Counters (tokens_generated, busy_seconds) are written by
+    the thread only.
+    """
+
+    def __init__(self, index, model, tokenizer, dtype, max_batch):
         self.index, self.device, self.dtype = index, model.lm_head.weight.device, dtype
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch)
+        self.max_batch = max_batch
+        self.active = 0  # requests holding one of its slots (changed on the event loop's thread)
         self.requests_served = 0
+        self.tokens_generated, self.busy_seconds = 0, 0.0
+        self.inbox = []
+        self.wakeup = threading.Condition()
+        self.thread = None  # started by the first submit()
 
     def autocast(self):
-        """A fresh autocast context (one per generation: contexts keep state while entered)."""
+        """A fresh autocast context (one per step: contexts keep state while entered)."""
         return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def submit(self, generation):
+        with self.wakeup:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True, name=f"nanochat-worker-{self.index}")
+                self.thread.start()
+            self.inbox.append(generation)
+            self.wakeup.notify()
+
+    def _run(self):
+        if self.device.type == "cuda":
+            # the current CUDA device is per thread and starts at GPU 0: without this, what
+            # names no device (torch.cuda.* calls, new streams, empty_cache) lands on GPU 0
+            torch.cuda.set_device(self.device)
+        generations = {}  # id(sequence) -> its Generation
+        while True:
+            with self.wakeup:
+                while not self.inbox and not self.engine.has_work():
+                    self.wakeup.wait()
+                new, self.inbox = self.inbox, []
+            for generation in new:
+                try:
+                    generation.seq = self.engine.add(generation.prompt, generation.max_tokens, **generation.sampling_params)[0]
+                except ValueError as e:
+                    generation.end(e)
+                    continue
+                if generation.stopped:  # cancelled before it got here
+                    generation.seq.cancel()
+                generations[id(generation.seq)] = generation
+            t0 = time.perf_counter()
+            try:
+                with self.autocast():
+                    events = self.engine.step()
+            except Exception as e:  # a failure of the model belongs to these requests, not to the server
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print0(f"worker {self.index}: generation failed: {type(e).__name__}: {e}")
+                for seq in self.engine.reset():
+                    generations.pop(id(seq)).end(e)
+                continue
+            for seq, token, _ in events:
+                generations[id(seq)].send(token)
+            self.tokens_generated += len(events)
+            self.busy_seconds += time.perf_counter() - t0
+            for key in [key for key, generation in generations.items() if generation.seq.finished]:
+                generations.pop(key).end()
+
+
+def default_max_batch(model, device, dtype):
+    """Requests a replica decodes together by default: as many KV-cache slots of a full context
+    as fit in half the free GPU memory (a quarter of the available RAM on CPU/MPS), at most 64
+    on CUDA and 16 elsewhere (a CPU's matmuls are compute-bound well before that), at least 1.
+    Returns (max_batch, bytes per slot)."""
+    per_slot = kv_cache_bytes(model.config, 1, dtype)
+    if device.type == "cuda":
+        budget, cap = torch.cuda.mem_get_info(device)[0] // 2, 64
+    else:
+        budget, cap = psutil.virtual_memory().available // 4, 16
+    return max(1, min(cap, budget // per_slot)), per_slot
 
 
 class WorkerPool:
-    """Hands out free workers first come, first served, and counts what they did (for /stats).
+    """Hands out free slots of the workers (the least busy worker first), first come, first
+    served, and counts what they did (for /stats).
 
-    A request that finds every worker busy waits in line (at most `max_queue` may wait, else 429)
+    A request that finds every slot taken waits in line (at most `max_queue` may wait, else 429)
     for up to `queue_timeout` seconds (else 503). Methods run on the event loop's thread.
     """
 
     def __init__(self, workers, max_queue, queue_timeout):
         self.workers = workers
-        self.free = deque(workers)
         self.waiters = deque()  # futures of requests waiting in line, oldest first
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
-        self.stats = {"requests_served": 0, "tokens_generated": 0, "generation_seconds": 0.0, "errors": 0}
+        self.stats = {"requests_served": 0, "errors": 0}
+        self.ttft = deque(maxlen=1000)  # seconds from arrival to the first token, the latest requests
+
+    def _take_slot(self):
+        worker = min(self.workers, key=lambda w: (w.active / w.max_batch, w.index))
+        if worker.active >= worker.max_batch:
+            return None
+        worker.active += 1
+        return worker
 
     async def acquire(self):
-        """Return a free worker. Raises APIError 429 (line full) or 503 (waited queue_timeout s)."""
-        if self.free and not self.waiters:
-            return self.free.popleft()
+        """Take a slot; returns its worker. Raises APIError 429 (line full) or 503 (waited queue_timeout s)."""
+        if not self.waiters and (worker := self._take_slot()):
+            return worker
+        slots = sum(w.max_batch for w in self.workers)
         if len(self.waiters) >= self.max_queue:
-            raise APIError(429, f"the server is busy: {len(self.workers)} worker(s) busy and {len(self.waiters)} requests "
+            raise APIError(429, f"the server is busy: all {slots} slot(s) decoding and {len(self.waiters)} requests "
                                 f"waiting (--max-queue {self.max_queue}); retry later", code="queue_full")
         handed = asyncio.get_running_loop().create_future()
         self.waiters.append(handed)
         try:
             return await asyncio.wait_for(asyncio.shield(handed), self.queue_timeout)
         except BaseException as e:
-            if handed.done() and not handed.cancelled():  # a worker arrived just as we gave up: pass it on
+            if handed.done() and not handed.cancelled():  # a slot arrived just as we gave up: pass it on
                 self.release(handed.result())
             else:
                 handed.cancel()
                 self.waiters.remove(handed)
             if isinstance(e, asyncio.TimeoutError):
-                raise APIError(503, f"no worker came free within {self.queue_timeout:g} s ({len(self.workers)} worker(s), "
-                                    "all busy); retry later", code="queue_timeout") from None
+                raise APIError(503, f"no slot came free within {self.queue_timeout:g} s ({slots} slot(s) on "
+                                    f"{len(self.workers)} worker(s), all busy); retry later", code="queue_timeout") from None
             raise
 
     def release(self, worker):
-        """Give `worker` to the oldest waiting request, or back to the free list."""
+        """Free one slot of `worker`, giving a slot to the oldest waiting request if there is one."""
+        worker.active -= 1
         while self.waiters:
             handed = self.waiters.popleft()
             if not handed.done():
-                handed.set_result(worker)
+                handed.set_result(self._take_slot())
                 return
-        self.free.append(worker)
 
 
 class Generation:
-    """One reply being sampled by a worker in a thread of its own (the model is synchronous).
+    """One reply, decoded by a worker in its batch; token ids come back through an asyncio queue.
 
-    The thread starts at once, streams token ids back through an asyncio queue, and returns the
-    worker to `pool` when it ends: after a stop token (Engine.generate ends there), after
-    max_tokens, after cancel() (the client went away: it stops within one token), or after an
-    exception (the model holds no per-request state, so the worker is fine to reuse; the error
-    goes to the request).
+    It starts at once (worker.submit); the worker calls send() per token and end() when the
+    sequence is over, which gives the slot back to `pool`. cancel() (the client went away, or a
+    stop string matched) takes it out of the batch at the worker's next step.
     """
 
     _END = object()
 
-    def __init__(self, pool, worker, tokens, max_tokens, sampling_params):
+    def __init__(self, pool, worker, prompt, max_tokens, sampling_params, arrived=None):
         self.loop = asyncio.get_running_loop()
-        self.pool = pool
+        self.pool, self.worker = pool, worker
+        self.prompt, self.max_tokens, self.sampling_params = prompt, max_tokens, sampling_params
+        self.arrived = time.perf_counter() if arrived is None else arrived
         self.queue = asyncio.Queue()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(worker, tokens, max_tokens, sampling_params), daemon=True)
-        self.thread.start()
+        self.stopped = False
+        self.seq = None  # the engine's Sequence, once the worker took it
+        worker.submit(self)
 
-    def _send(self, item):
+    def _call(self, fn, *args):
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the event loop closed (server shutting down)
-            self.stopped.set()
+            self.cancel()
 
-    def _run(self, worker, tokens, max_tokens, sampling_params):
-        t0, count = time.perf_counter(), 0
-        try:
-            if worker.device.type == "cuda":
-                # the current CUDA device is per thread and starts at GPU 0: without this, what
-                # names no device (torch.cuda.* calls, new streams, empty_cache) lands on GPU 0
-                torch.cuda.set_device(worker.device)
-            with worker.autocast():
-                for token_column, _ in worker.engine.generate(tokens, max_tokens=max_tokens, **sampling_params):
-                    if self.stopped.is_set():
-                        break
-                    count += 1
-                    self._send(token_column[0])
-            self._send(self._END)
-        except Exception as e:  # any failure of the model belongs to this request, not to the server
-            if worker.device.type == "cuda":
-                torch.cuda.empty_cache()
-            print0(f"worker {worker.index}: generation failed: {type(e).__name__}: {e}")
-            self._send(e)
-        finally:
-            def finish():
-                self.pool.stats["tokens_generated"] += count
-                self.pool.stats["generation_seconds"] += time.perf_counter() - t0
-                worker.requests_served += 1
-                self.pool.release(worker)
-            try:
-                self.loop.call_soon_threadsafe(finish)
-            except RuntimeError:
-                pass
+    def send(self, token):
+        """(worker thread) One more token of the reply."""
+        if not self.stopped:
+            self._call(self.queue.put_nowait, token)
+
+    def end(self, error=None):
+        """(worker thread) The reply is over (error: the exception that ended it)."""
+        self._call(self.queue.put_nowait, self._END if error is None else error)
+
+        def finish():
+            self.worker.requests_served += 1
+            self.pool.release(self.worker)
+        self._call(finish)
 
     def cancel(self):
-        self.stopped.set()
+        self.stopped = True
+        if self.seq is not None:
+            self.seq.cancel()
 
     async def tokens(self):
         """Yield the sampled token ids (a stop token, if sampled, is the last one).
@@ -236,6 +315,7 @@ class Generation:
         Raises:
             APIError 500: the model raised; the message names the exception.
         """
+        first = True
         try:
             while True:
                 item = await self.queue.get()
@@ -244,6 +324,9 @@ class Generation:
                 if isinstance(item, Exception):
                     self.pool.stats["errors"] += 1
                     raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
+                if first:
+                    self.pool.ttft.append(time.perf_counter() - self.arrived)
+                    first = False
                 yield item
         finally:
             self.cancel()
@@ -455,7 +538,9 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
     --queue-timeout, --max-queue and --max-body-bytes. Everything a request touches lives in here,
     so apps can be built side by side in one process (the tests drive them with TestClient).
     """
-    pool = WorkerPool([Worker(i, model, tokenizer, dtype) for i, model in enumerate(models)], args.max_queue, args.queue_timeout)
+    max_batch = args.max_batch or default_max_batch(models[0], models[0].lm_head.weight.device, dtype)[0]
+    pool = WorkerPool([Worker(i, model, tokenizer, dtype, max_batch) for i, model in enumerate(models)],
+                      args.max_queue, args.queue_timeout)
     sequence_len = models[0].config.sequence_len
     stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     loaded_at = int(time.time())
@@ -490,18 +575,26 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
 
     @app.get("/stats")
     async def get_stats():
-        seconds = pool.stats["generation_seconds"]
-        busy = [w for w in pool.workers if w not in pool.free]
+        workers = pool.workers
+        tokens, busy = sum(w.tokens_generated for w in workers), sum(w.busy_seconds for w in workers)
+        ttft = sorted(pool.ttft)
+        def percentile(q):  # nearest rank
+            return round(ttft[min(len(ttft) - 1, int(q * len(ttft)))], 4) if ttft else None
         return {
             "model": model_id,
-            "workers": {"total": len(pool.workers), "busy": len(busy), "free": len(pool.workers) - len(busy)},
+            "workers": {"total": len(workers), "busy": sum(w.active > 0 for w in workers),
+                        "free": sum(w.active == 0 for w in workers)},
+            "slots": {"total": sum(w.max_batch for w in workers), "active": sum(w.active for w in workers)},
+            "active_sequences": sum(w.active for w in workers),
             "waiting": len(pool.waiters),
             "requests_served": pool.stats["requests_served"],
-            "tokens_generated": pool.stats["tokens_generated"],
-            "tokens_per_second": round(pool.stats["tokens_generated"] / seconds, 1) if seconds else 0.0,
+            "tokens_generated": tokens,
+            # while at least one request was decoding: the aggregate rate over every sequence in the batch
+            "tokens_per_second": round(tokens / busy, 1) if busy else 0.0,
+            "ttft_seconds": {"p50": percentile(0.50), "p95": percentile(0.95), "requests": len(ttft)},
             "errors": pool.stats["errors"],
-            "per_worker": [{"index": w.index, "device": str(w.device), "busy": w in busy, "requests_served": w.requests_served}
-                           for w in pool.workers],
+            "per_worker": [{"index": w.index, "device": str(w.device), "active": w.active, "max_batch": w.max_batch,
+                            "requests_served": w.requests_served} for w in workers],
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
@@ -510,10 +603,11 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
 
     @app.post("/chat/completions")
     async def ui_chat_completions(body: UIChatRequest):
+        arrived = time.perf_counter()
         tokens, max_tokens = render_prompt(body.messages, body.max_tokens, tokenizer, sequence_len, args.max_tokens)
         params = sampling(body, args)
         worker = await pool.acquire()
-        generation = Generation(pool, worker, tokens, max_tokens, params)
+        generation = Generation(pool, worker, tokens, max_tokens, params, arrived)
         pool.stats["requests_served"] += 1
 
         async def events():
@@ -537,6 +631,7 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
     async def openai_chat_completions(body: ChatCompletionRequest, request: Request):
+        arrived = time.perf_counter()
         if body.model not in (None, model_id, "nanochat"):
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves {model_id!r} (GET /v1/models)", param="model", code="model_not_found")
         if body.n not in (None, 1):
@@ -549,7 +644,7 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
         tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens, tokenizer, sequence_len, args.max_tokens)
         params = sampling(body, args)
         worker = await pool.acquire()
-        generation = Generation(pool, worker, tokens, max_tokens, params)
+        generation = Generation(pool, worker, tokens, max_tokens, params, arrived)
         pool.stats["requests_served"] += 1
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}
@@ -654,7 +749,11 @@ def main():
     print0(f"Model {model_id}: {num_params / 1e6:.1f}M params, context {models[0].config.sequence_len} tokens, "
            f"{str(dtype).removeprefix('torch.')} on {', '.join(str(d) for d in devices)}")
 
-    # Serve
+    # Serve: as many requests per replica as KV-cache slots fit (--max-batch)
+    if args.max_batch is None:
+        args.max_batch, per_slot = default_max_batch(models[0], devices[0], dtype)
+        print0(f"Decoding up to {args.max_batch} requests together per replica (--max-batch): a KV-cache slot of "
+               f"{models[0].config.sequence_len} tokens takes {per_slot / 2**20:.1f} MiB, {args.max_batch * per_slot / 2**30:.2f} GiB in all")
     app = create_app(models, tokenizer, model_id, args, dtype)
     print0(f"nanochat is up: open http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/ "
            f"(OpenAI API at /v1{', key required' if args.api_key else ''})")

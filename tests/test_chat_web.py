@@ -353,7 +353,7 @@ def test_generation_thread_makes_its_replica_s_gpu_current(load, monkeypatch, de
     """A replica on GPU 1 samples in a thread whose current CUDA device is GPU 1, so what names no
     device goes there rather than to GPU 0; a CPU replica leaves CUDA alone."""
     model, tokenizer = load("d1")
-    worker = chat_web.Worker(0, model, tokenizer, torch.float32)
+    worker = chat_web.Worker(0, model, tokenizer, torch.float32, max_batch=2)
     worker.device = torch.device(device)  # cuda:1 as on a 2-GPU machine; the weights stay on the CPU
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((d, threading.current_thread())))
@@ -362,11 +362,10 @@ def test_generation_thread_makes_its_replica_s_gpu_current(load, monkeypatch, de
     async def generate():
         prompt = tokenizer.render_for_completion({"messages": USER})
         generation = chat_web.Generation(pool, await pool.acquire(), prompt, 3, {"temperature": 0.0})
-        return [t async for t in generation.tokens()], generation.thread
+        return [t async for t in generation.tokens()]
 
-    tokens, thread = asyncio.run(generate())
-    assert tokens
-    assert calls == ([(torch.device("cuda:1"), thread)] if device == "cuda:1" else [])
+    assert asyncio.run(generate())
+    assert calls == ([(torch.device("cuda:1"), worker.thread)] if device == "cuda:1" else [])
 
 
 def test_api_key(load):
@@ -423,11 +422,40 @@ def test_fifty_concurrent_streams_some_disconnecting(server):
             break
         time.sleep(0.2)
     assert stats["workers"] == {"total": 1, "busy": 0, "free": 1}
+    assert stats["slots"]["active"] == 0 and stats["active_sequences"] == 0  # every hung-up stream freed its slot
     assert stats["requests_served"] >= 50 and stats["errors"] == 0
+    assert stats["ttft_seconds"]["requests"] >= 40 and 0 < stats["ttft_seconds"]["p50"] <= stats["ttft_seconds"]["p95"]
+
+
+def test_a_request_gets_the_same_reply_alone_and_inside_a_full_batch(server, local):
+    """Continuous batching decodes it next to 15 others that join and leave (other prompts,
+    lengths, temperatures and seeds); with its seed it still gets the reply it gets alone,
+    which is the one the Engine generates for it in this process."""
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    body = {"messages": messages, "max_tokens": 40, "seed": 7, "temperature": 0.9}
+    alone = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]["content"]
+    replies = {}
+
+    def one(i):
+        other = {"messages": [{"role": "user", "content": "x " * (i + 1)}], "max_tokens": 5 + 3 * i, "seed": i, "temperature": 0.1 * i}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body if i == 8 else other, timeout=120)
+        replies[i] = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.status_code
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=300)
+    assert all(isinstance(r, str) for r in replies.values()), replies
+    assert replies[8] == alone
+    prompt, generated = expected_reply(local, messages, 40, 7, temperature=0.9)
+    assert replies[8] == local[1].decode([t for t in generated if not is_stop(local, t)])
+    assert httpx.get(server.url + "/stats").json()["slots"]["total"] == 16
 
 
 def test_full_queue_gets_429_and_timeout_gets_503(start_server):
-    s = start_server("--model-tag", "chatty", "--max-queue", "1", "--queue-timeout", "1")
+    s = start_server("--model-tag", "chatty", "--max-batch", "1", "--max-queue", "1", "--queue-timeout", "1")
 
     def post(body):
         return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
