@@ -413,10 +413,11 @@ class Engine:
                 seq.finish_reason = "error"
         return dropped
 
-    def _ensure_slots(self, num_slots):
+    def _ensure_slots(self, num_slots, needed):
         n_layer = self.model.config.n_layer
-        if self.cache is None:
-            self.cache = KVCache(max(num_slots, self.max_batch or 0), n_layer, self.model.config.sequence_len)
+        if self.cache is None:  # slots as long as the first sequence needs; prepare() grows them for longer ones
+            capacity = min(self.model.config.sequence_len, len(needed.tokens) + needed.max_tokens)
+            self.cache = KVCache(max(num_slots, self.max_batch or 0), n_layer, capacity)
         elif num_slots > self.cache.num_slots:  # grow (max_batch None): double, keeping what is cached
             cache, grown = self.cache, max(num_slots, 2 * self.cache.num_slots)
             if cache.k is not None:
@@ -440,7 +441,7 @@ class Engine:
                 seq.finish_reason = "cancelled"
                 continue
             slot = len(self.running)
-            self._ensure_slots(slot + 1)
+            self._ensure_slots(slot + 1, seq)
             seq.slot = slot
             self.running.append(seq)
             source = seq.fork_of
@@ -563,13 +564,14 @@ class Engine:
         """
         return self.generate_many([tokens], num_samples, max_batch=None, **kwargs)[0]
 
-    def generate_many(self, prompts, num_samples=1, max_batch=32, seeds=None, **kwargs):
+    def generate_many(self, prompts, num_samples=1, max_batch=32, seeds=None, include_stop=False, **kwargs):
         """Generate num_samples rows for each of `prompts` (lists of ints), continuously batched:
         at most max_batch sequences run at once (None: all), and as one finishes the next joins.
 
         seeds: one per prompt (default: kwargs' seed, else 42, for every prompt). kwargs:
         max_tokens, temperature, top_k, top_p. Returns one (results, masks) per prompt, as
-        generate_batch returns them; each prompt's rows are what generate_batch gives alone.
+        generate_batch returns them (with include_stop, a row that stopped ends with its stop
+        token, mask 1); each prompt's rows are what generate_batch gives alone.
 
         Raises:
             ValueError: see add().
@@ -588,7 +590,7 @@ class Engine:
                         in_flight += not seq.finished
                 for seq, token, mask in self.step():
                     _, result, masks = rows_of[id(seq)]
-                    if seq.finish_reason != "stop":
+                    if seq.finish_reason != "stop" or include_stop:
                         result.append(token)
                         masks.append(mask)
                     in_flight -= seq.finished

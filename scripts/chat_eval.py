@@ -40,7 +40,7 @@ parser.add_argument("--data", default="auto", choices=["auto", "online", "offlin
                     help="default task list: nanochat's (online, needs the Hub) or the offline one; "
                          "auto: online if the Hub answers")
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most N problems per task")
-parser.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass (categorical tasks)")
+parser.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass (categorical tasks); sequences decoded together (generative tasks)")
 parser.add_argument("-n", "--num-samples", type=int, default=1, help="replies per problem (generative tasks; pass@k)")
 parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens")
@@ -106,25 +106,29 @@ def run_categorical_eval(task, model, tokenizer, batch_size, max_problems=None, 
 
 
 def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, task_name="task"):
+                        max_problems=None, task_name="task", batch_size=8):
     """(passed, total) on a task graded on sampled replies, passed counting pass@num_samples.
 
-    Each problem's prompt is prefilled once and num_samples replies are decoded by the engine
-    (tool calls and their outputs included); the problem passes if task.evaluate accepts any
-    decoded reply.
+    Each problem's prompt is prefilled once and its num_samples replies are decoded by the
+    engine (tool calls and their outputs included), up to batch_size sequences at a time from
+    several problems (continuous batching: as one reply ends, the next problem's joins); the
+    problem passes if task.evaluate accepts any decoded reply. What a problem gets does not
+    depend on batch_size.
     """
     device = engine.model.lm_head.weight.device
     indices = _problem_indices(task, max_problems)
     passed, t0 = 0, time.time()
-    for n, i in enumerate(indices):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        passed += int(any(task.evaluate(conversation, c) for c in completions))
-        if (n + 1) % 50 == 0:
-            print0(f"  {task_name}: {n + 1}/{len(indices)} problems on this process, {passed / (n + 1):.2%} "
+    for start in range(0, len(indices), 50):  # 50 problems between progress lines
+        conversations = [task[i] for i in indices[start:start + 50]]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        outputs = engine.generate_many(prompts, num_samples=num_samples, max_batch=batch_size, max_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k)
+        for conversation, prompt, (results, _) in zip(conversations, prompts, outputs):
+            completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+            passed += int(any(task.evaluate(conversation, c) for c in completions))
+        done = start + len(conversations)
+        if done % 50 == 0 or done == len(indices):
+            print0(f"  {task_name}: {done}/{len(indices)} problems on this process, {passed / done:.2%} "
                    f"passed, {time.time() - t0:.0f}s")
     return _all_reduce_counts(passed, len(indices), device)
 
@@ -148,7 +152,7 @@ def evaluate_task(task_name, model, tokenizer, engine, batch_size, num_samples, 
         counts = run_categorical_eval(task, model, tokenizer, batch_size, max_problems, task_name)
     else:
         counts = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                                     max_problems, task_name)
+                                     max_problems, task_name, batch_size)
     model.train(was_training)
     return counts
 

@@ -44,6 +44,8 @@ parser.add_argument("--num-iterations", type=int, default=-1,
 parser.add_argument("--examples-per-step", type=int, default=16, help="problems per step, over all processes")
 parser.add_argument("--num-samples", type=int, default=16, help="replies sampled per problem (the group)")
 parser.add_argument("--device-batch-size", type=int, default=8, help="replies per forward/backward pass")
+parser.add_argument("--sample-batch-size", type=int, default=64,
+                    help="replies decoded together when sampling rollouts and val pass@k (several problems' groups at once)")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
@@ -65,27 +67,25 @@ parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=
 # -----------------------------------------------------------------------------
 # Rollouts and the policy-gradient loss
 
-def sample_rollouts(engine, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, seed):
-    """Sample num_samples replies to `prompt` (one prefill, decoded as one batch).
+def sample_rollouts(engine, tokenizer, prompts, seeds, num_samples, max_new_tokens, temperature, top_k, sample_batch_size):
+    """Sample num_samples replies to each of `prompts` (one prefill per prompt; up to
+    sample_batch_size replies of several prompts decoded together, each prompt's replies as they
+    would be alone with its seed).
 
-    Returns (sequences, masks, replies): sequences are prompt + reply tokens, including the stop
-    token when the reply ended (stopping after the answer is part of what gets rewarded, so it
-    is trained on too); masks are 1 on sampled tokens, 0 on the prompt and on tokens the
-    calculator tool forced in; replies are the decoded replies without the stop token.
+    Returns one (sequences, masks, replies) per prompt: sequences are prompt + reply tokens,
+    including the stop token when the reply ended (stopping after the answer is part of what gets
+    rewarded, so it is trained on too); masks are 1 on sampled tokens, 0 on the prompt and on
+    tokens the calculator tool forced in; replies are the decoded replies without the stop token.
     """
     stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    sequences = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    done = [False] * num_samples
-    for token_column, token_masks in engine.generate(prompt, num_samples, max_tokens=max_new_tokens,
-                                                     temperature=temperature, top_k=top_k, seed=seed):
-        for i, (token, mask) in enumerate(zip(token_column, token_masks)):
-            if not done[i]:
-                sequences[i].append(token)
-                masks[i].append(mask)
-                done[i] = token in stop_tokens
-    replies = [tokenizer.decode(seq[len(prompt):len(seq) - int(d)]) for seq, d in zip(sequences, done)]
-    return sequences, masks, replies
+    outputs = engine.generate_many(prompts, num_samples, max_batch=sample_batch_size, seeds=seeds, include_stop=True,
+                                   max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    groups = []
+    for prompt, (sequences, masks) in zip(prompts, outputs):
+        replies = [tokenizer.decode(seq[len(prompt):len(seq) - int(seq[-1] in stop_tokens and len(seq) > len(prompt))])
+                   for seq in sequences]
+        groups.append((sequences, masks, replies))
+    return groups
 
 
 def group_advantages(rewards):
@@ -128,26 +128,30 @@ def _sum_over_processes(values, device):
 
 
 @torch.no_grad()
-def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_new_tokens, temperature, top_k):
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_new_tokens, temperature, top_k,
+                       sample_batch_size):
     """(pass@1, pass@num_samples) over the first num_examples problems of `task`, rank-strided.
 
     pass@1 is the fraction of correct replies (the unbiased estimate from num_samples tries),
-    pass@k the fraction of problems with at least one correct reply.
+    pass@k the fraction of problems with at least one correct reply. Problem i is sampled with
+    seed i, up to sample_batch_size replies of several problems decoded together.
     """
     _, rank, _, world_size = get_dist_info()
     device = engine.model.lm_head.weight.device
     correct, solved, problems = 0.0, 0.0, 0.0
-    indices = range(rank, min(num_examples, len(task)), world_size)
+    indices = list(range(rank, min(num_examples, len(task)), world_size))
     progress = ProgressPrinter("val pass@k", len(indices), "problems on this process")
-    for i in indices:
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
-                                           top_k=top_k, seed=i)
-        rewards = [task.reward(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
-        correct += sum(rewards) / num_samples
-        solved += float(max(rewards) > 0)
-        problems += 1
+    chunk = max(1, sample_batch_size // num_samples) * 4  # problems per call: a few batches' worth, then a progress line
+    for start in range(0, len(indices), chunk):
+        conversations = [task[i] for i in indices[start:start + chunk]]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        outputs = engine.generate_many(prompts, num_samples, max_batch=sample_batch_size, seeds=indices[start:start + chunk],
+                                       max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        for conversation, prompt, (results, _) in zip(conversations, prompts, outputs):
+            rewards = [task.reward(conversation, tokenizer.decode(r[len(prompt):])) for r in results]
+            correct += sum(rewards) / num_samples
+            solved += float(max(rewards) > 0)
+            problems += 1
         progress.update(int(problems))
     correct, solved, problems = _sum_over_processes([correct, solved, problems], device)
     return correct / max(problems, 1), solved / max(problems, 1)
@@ -156,7 +160,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, num_samples, max_n
 def main(argv=None):
     args = parser.parse_args(argv)
     user_config = vars(args).copy()
-    for flag in ("examples_per_step", "device_batch_size", "max_new_tokens", "eval_examples", "eval_samples"):
+    for flag in ("examples_per_step", "device_batch_size", "sample_batch_size", "max_new_tokens", "eval_examples", "eval_samples"):
         if getattr(args, flag) < 1:
             sys.exit(f"chat_rl: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.num_samples < 2:
@@ -222,7 +226,7 @@ def main(argv=None):
             with autocast_ctx:
                 pass_at_1, pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args.eval_examples,
                                                           args.eval_samples, args.max_new_tokens, args.temperature,
-                                                          args.top_k)
+                                                          args.top_k, args.sample_batch_size)
             loop_state["pass_at_1"], loop_state["pass_at_k"] = pass_at_1, pass_at_k
             print0(f"step {step:05d} | val pass@1 {pass_at_1:.4f} | pass@{args.eval_samples} {pass_at_k:.4f}")
             stage.report.log_metrics("rl", step, pass_at_1=pass_at_1)
@@ -245,13 +249,13 @@ def main(argv=None):
         sequences, masks, advantages, rewards = [], [], [], []
         sampled = 0  # reply tokens the engine sampled (or the calculator forced in) on this process
         cursor = loader_state["cursor"]
-        for index in range(cursor + rank, cursor + args.examples_per_step, world_size):
-            conversation = train_task[index % len(train_task)]
-            prompt = tokenizer.render_for_completion(conversation)
-            with autocast_ctx:
-                group_seqs, group_masks, replies = sample_rollouts(
-                    engine, tokenizer, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                    seed=index)  # seeded by the problem's index: a resumed run samples what the original would have
+        indices = list(range(cursor + rank, cursor + args.examples_per_step, world_size))
+        conversations = [train_task[index % len(train_task)] for index in indices]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        with autocast_ctx:  # seeded by the problems' indices: a resumed run samples what the original would have
+            groups = sample_rollouts(engine, tokenizer, prompts, indices, args.num_samples, args.max_new_tokens,
+                                     args.temperature, args.top_k, args.sample_batch_size)
+        for conversation, prompt, (group_seqs, group_masks, replies) in zip(conversations, prompts, groups):
             group_rewards = torch.tensor([train_task.reward(conversation, r) for r in replies], dtype=torch.float32)
             sequences += group_seqs
             sampled += sum(len(s) - len(prompt) for s in group_seqs)

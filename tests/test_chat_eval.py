@@ -136,12 +136,15 @@ class AnswerKeyEngine:
         self.answers = {tuple(tokenizer.render_for_completion(task[i])): task[i] for i in range(len(task))}
         self.calls = []
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_many(self, prompts, num_samples=1, max_batch=32, **kwargs):
         self.calls.append(kwargs)
-        conversation = self.answers[tuple(tokens)]
-        answer = int(extract_final_answer(conversation["messages"][-1]["content"][-1]["text"]))
-        replies = [self.tokenizer.encode(f"so #### {answer + self.offsets[j]}") for j in range(num_samples)]
-        return [list(tokens) + r for r in replies], [[0] * len(tokens) + [1] * len(r) for r in replies]
+        outputs = []
+        for tokens in prompts:
+            conversation = self.answers[tuple(tokens)]
+            answer = int(extract_final_answer(conversation["messages"][-1]["content"][-1]["text"]))
+            replies = [self.tokenizer.encode(f"so #### {answer + self.offsets[j]}") for j in range(num_samples)]
+            outputs.append(([list(tokens) + r for r in replies], [[0] * len(tokens) + [1] * len(r) for r in replies]))
+        return outputs
 
 
 def test_generative_scorer_grades_decoded_replies_pass_at_k(chat_base):
@@ -174,10 +177,14 @@ def test_generative_scorer_runs_the_real_engine(chat_base):
 
     task = Recorder()
     engine = Engine(model, tokenizer)
-    assert run_generative_eval(task, tokenizer, engine, 1, 8, 0.0, None) == (1, 3)
-    prompt = tokenizer.render_for_completion(task[0])
-    results, _ = engine.generate_batch(prompt, 1, max_tokens=8, temperature=0.0)
-    assert task.completions[0] == tokenizer.decode(results[0][len(prompt):])  # the reply only, no prompt
+    assert run_generative_eval(task, tokenizer, engine, 2, 8, 0.9, None, batch_size=3) == (1, 3)
+    expected = []  # each problem's replies are what the engine gives it alone, the reply only, no prompt
+    for i in range(3):
+        prompt = tokenizer.render_for_completion(task[i])
+        results, _ = engine.generate_batch(prompt, 2, max_tokens=8, temperature=0.9, top_k=None)
+        replies = [tokenizer.decode(r[len(prompt):]) for r in results]
+        expected += replies[:1] if i == 1 else replies  # problem 1 passes on its first reply
+    assert task.completions == expected
 
 
 # -----------------------------------------------------------------------------

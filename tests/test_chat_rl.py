@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from scripts import chat_rl
 from scripts.chat_rl import collate_rollouts, group_advantages, policy_gradient_loss, sample_rollouts
@@ -105,31 +106,28 @@ def rl_base(tmp_path_factory):
     return base_dir, model, tokenizer
 
 
-class ScriptedEngine:
-    """Stands in for Engine.generate: yields fixed (token_column, token_masks) steps."""
-
-    def __init__(self, steps):
-        self.steps, self.kwargs = steps, None
-
-    def generate(self, tokens, num_samples=1, **kwargs):
-        self.kwargs = dict(kwargs, num_samples=num_samples)
-        yield from self.steps
-
-
-def test_rollouts_keep_the_stop_token_and_the_tool_mask(rl_base):
-    _, _, tokenizer = rl_base
-    stop, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()
-    a, b, c = tokenizer.encode("7")[0], tokenizer.encode("x")[0], tokenizer.encode("=")[0]
-    # row 0 stops at step 2 (later tokens are ignored), row 1 gets two tool-forced tokens and
-    # never stops, row 2 stops with <|bos|>
-    engine = ScriptedEngine([([a, b, c], [1, 1, 1]), ([stop, a, bos], [1, 0, 1]), ([b, a, b], [1, 0, 1]),
-                             ([c, c, c], [1, 1, 1])])
-    prompt = [bos, 5, 6]
-    sequences, masks, replies = sample_rollouts(engine, tokenizer, prompt, 3, 4, 0.7, 9, seed=11)
-    assert engine.kwargs == {"num_samples": 3, "max_tokens": 4, "temperature": 0.7, "top_k": 9, "seed": 11}
-    assert sequences == [prompt + [a, stop], prompt + [b, a, a, c], prompt + [c, bos]]
-    assert masks == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 1]]
-    assert replies == ["7", "x77=", "="]
+def test_rollouts_of_several_problems_are_each_problem_s_own_and_keep_the_stop_token(rl_base):
+    """Two problems' groups decoded together in batches of 3: each group is what the engine
+    samples for that problem alone with its seed, stop token included; masks are 0 on the prompt."""
+    _, model, tokenizer = rl_base
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    engine = Engine(model, tokenizer)
+    prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}]}) for text in ("1+1", "2+2")]
+    groups = sample_rollouts(engine, tokenizer, prompts, [11, 12], 4, 120, 1.0, None, sample_batch_size=3)
+    stopped = 0
+    for prompt, seed, (sequences, masks, replies) in zip(prompts, [11, 12], groups):
+        alone = [list(prompt) for _ in range(4)]
+        for column, _ in engine.generate(prompt, 4, max_tokens=120, temperature=1.0, seed=seed):
+            for row, token in zip(alone, column):
+                if len(row) == len(prompt) or row[-1] not in stops:
+                    row.append(token)
+        assert sequences == alone
+        for seq, mask, reply in zip(sequences, masks, replies):
+            assert len(mask) == len(seq) and mask[:len(prompt)] == [0] * len(prompt) and set(mask[len(prompt):]) <= {0, 1}
+            ended = seq[-1] in stops
+            stopped += ended
+            assert reply == tokenizer.decode(seq[len(prompt):len(seq) - ended])
+    assert stopped > 0  # the random model ends some replies within 120 tokens: the stop token is kept
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""
+Serving many clients from one model: a load generator that drives scripts.chat_web on 127.0.0.1
+with the official OpenAI client (streaming chat completions) at several numbers of concurrent
+clients, and reports aggregate generated tokens/s, per-request tokens/s, time to first token
+p50/p95 and errors.
+
+Baseline, measured in the same run: the same server with --max-batch 1, one request decoded at
+a time per replica (how chat_web served before continuous batching). The ratio column is the
+aggregate tokens/s against the baseline at the same number of clients. After each server's runs
+its /stats must show every slot free and nobody waiting (else the run is marked).
+
+The model: a depth --depth GPT with random weights (tokens/s does not depend on what the weights
+are) whose stop tokens are suppressed, so every reply runs exactly --max-tokens tokens (the
+ignore_eos of other serving benchmarks); usage.completion_tokens is what gets counted. It is
+saved as an sft checkpoint in a scratch base dir next to the tokenizer of $NANOCHAT_BASE_DIR (or
+--base-dir; e.g. after `bash speedrun_dgx.sh --tiny --only tokenizer`).
+
+    python -m bench.serving                                   # d4, 1/4/8/16 clients, on this machine's device
+    python -m bench.serving --depth 20 --clients 1,8,32,64 --device-type cuda --max-tokens 128
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+
+import httpx
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.common import get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle, and what she does next."
+
+
+def build_model_dir(base_dir, scratch, depth, sequence_len):
+    """A NANOCHAT_BASE_DIR in `scratch` holding base_dir's tokenizer and a random depth-`depth`
+    sft checkpoint that never samples <|assistant_end|> or <|bos|>. Returns the model tag."""
+    tokenizer_dir = os.path.join(base_dir, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.pkl")):
+        sys.exit(f"bench.serving: no tokenizer in {tokenizer_dir}; run `bash speedrun_dgx.sh --tiny --only tokenizer` "
+                 "(or pass --base-dir)")
+    shutil.copytree(tokenizer_dir, os.path.join(scratch, "tokenizer"))
+    tokenizer = RustBPETokenizer.from_directory(os.path.join(scratch, "tokenizer"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(depth, vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len))
+    model.init_weights()
+    with torch.no_grad():  # a large constant feature 0 after the final norm, which the stop tokens' logits read negatively
+        model.transformer.wte.weight[:, 0] = 20.0
+        for name in ("<|assistant_end|>", "<|bos|>"):
+            row = model.lm_head.weight[tokenizer.encode_special(name)]
+            row.zero_()
+            row[0] = -1.0
+    tag = f"d{depth}"
+    meta = {"model_config": asdict(model.config), "tokenizer_hash": tokenizer.content_hash()}
+    save_checkpoint(os.path.join(scratch, "chatsft_checkpoints", tag), 0, model.state_dict(), None, meta)
+    return tag
+
+
+class Server:
+    """scripts.chat_web in a subprocess on 127.0.0.1 with the given flags; waits for /health."""
+
+    def __init__(self, base_dir, port, flags, log_path):
+        env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONUNBUFFERED": "1"}
+        env.pop("NANOCHAT_API_KEY", None)
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--source", "sft", "--host", "127.0.0.1",
+                                          "--port", str(port), *flags], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"bench.serving: chat_web exited:\n{open(log_path).read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        sys.exit(f"bench.serving: chat_web did not come up in 300 s:\n{open(log_path).read()}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def one_request(client, max_tokens, seed):
+    """One streaming chat completion. Returns dict(ttft_s, seconds, tokens) or dict(error)."""
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    try:
+        stream = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=max_tokens, temperature=1.0, seed=seed, stream=True,
+                                                stream_options={"include_usage": True})
+        for chunk in stream:
+            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                ttft = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except Exception as e:  # every failure is counted, not raised: the benchmark reports errors
+        return {"error": f"{type(e).__name__}: {e}"}
+    seconds = time.perf_counter() - t0
+    return {"ttft_s": seconds if ttft is None else ttft, "seconds": seconds, "tokens": tokens}
+
+
+def run_load(url, clients, requests_per_client, max_tokens):
+    """`clients` threads, each sending requests_per_client requests one after another.
+    Returns the phase's summary dict."""
+    from openai import OpenAI
+    results = []
+    lock = threading.Lock()
+
+    def client_loop(c):
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        for r in range(requests_per_client):
+            out = one_request(client, max_tokens, seed=1000 * c + r)
+            with lock:
+                results.append(out)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    ttfts = sorted(r["ttft_s"] for r in ok)
+
+    def percentile(q):
+        return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else float("nan")
+    tokens = sum(r["tokens"] for r in ok)
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+            "error_messages": sorted({r["error"] for r in results if "error" in r})[:3],
+            "wall_s": wall, "tokens": tokens, "aggregate_tok_s": tokens / wall,
+            "per_request_tok_s": statistics.mean(r["tokens"] / r["seconds"] for r in ok) if ok else float("nan"),
+            "ttft_p50_s": percentile(0.50), "ttft_p95_s": percentile(0.95)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="chat_web under concurrent streaming clients: continuous batching vs batch 1")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--sequence-len", type=int, default=2048, help="the model's context (sets the KV-cache slot size)")
+    parser.add_argument("--clients", default="1,4,8,16", help="comma list of concurrent clients")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (every reply runs this long)")
+    parser.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: chat_web's)")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: chat_web's autodetect")
+    parser.add_argument("--base-dir", default=None, help="with tokenizer/ (default: $NANOCHAT_BASE_DIR)")
+    parser.add_argument("--out", default=None, help="write every phase as JSON here")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    base_dir = args.base_dir or get_base_dir()
+
+    flags = ["--max-queue", "1024", "--queue-timeout", "3600"]
+    if args.device_type:
+        flags += ["--device-type", args.device_type]
+    servers = [("batch 1 (baseline)", ["--max-batch", "1"]),
+               ("continuous", [] if args.max_batch is None else ["--max-batch", str(args.max_batch)])]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nanochat_serving_") as scratch:
+        tag = build_model_dir(base_dir, scratch, args.depth, args.sequence_len)
+        for port_offset, (name, server_flags) in enumerate(servers):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            server = Server(scratch, port, ["--model-tag", tag, *flags, *server_flags], os.path.join(scratch, f"server{port_offset}.log"))
+            try:
+                one_request_warmup(server.url, args.max_tokens)
+                max_batch = httpx.get(server.url + "/stats").json()["slots"]["total"]
+                for n in clients:
+                    row = {"server": name, "max_batch": max_batch, **run_load(server.url, n, args.requests_per_client, args.max_tokens)}
+                    stats = httpx.get(server.url + "/stats").json()
+                    row["slots_free_after"] = stats["slots"]["active"] == 0 and stats["waiting"] == 0
+                    rows.append(row)
+                    print(f"{name:<20} max_batch {max_batch:>3} | {n:>3} clients | {row['aggregate_tok_s']:8.1f} tok/s aggregate | "
+                          f"{row['per_request_tok_s']:7.1f} tok/s per request | ttft p50 {row['ttft_p50_s']:.3f} s "
+                          f"p95 {row['ttft_p95_s']:.3f} s | errors {row['errors']} | slots free after: {row['slots_free_after']}",
+                          flush=True)
+                    if args.out:
+                        with open(args.out, "w") as f:
+                            json.dump(rows, f, indent=1)
+            finally:
+                server.stop()
+
+    baseline = {r["clients"]: r for r in rows if r["server"] == servers[0][0]}
+    print(f"\nd{args.depth}, {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client; "
+          "ratio = aggregate tok/s / the batch-1 server's at the same clients")
+    print("| server | max batch | clients | aggregate tok/s | ratio | per-request tok/s | TTFT p50 s | TTFT p95 s | errors | slots free after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["aggregate_tok_s"] / baseline[r["clients"]]["aggregate_tok_s"]
+        print(f"| {r['server']} | {r['max_batch']} | {r['clients']} | {r['aggregate_tok_s']:,.1f} | {ratio:.2f}x | "
+              f"{r['per_request_tok_s']:,.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | {r['errors']} | "
+              f"{'yes' if r['slots_free_after'] else 'NO'} |")
+
+
+def one_request_warmup(url, max_tokens):
+    """One request before measuring (first-call allocations, lazy thread start)."""
+    from openai import OpenAI
+    out = one_request(OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600), max_tokens, seed=0)
+    if "error" in out:
+        sys.exit(f"bench.serving: the warm-up request failed: {out['error']}")
+
+
+if __name__ == "__main__":
+    main()
