@@ -395,7 +395,7 @@ class Engine:
             device = self.model.lm_head.weight.device
             ids = torch.tensor([[seq.tokens[-1]] for seq in self.running], dtype=torch.long, device=device)  # (B, 1)
             self.cache.select(0, len(self.running))
-            self.logits = self.model(ids, kv_cache=self.cache)[:, -1, :]  # (B, vocab_size)
+            self.logits = self.model(ids, kv_cache=self.cache, last_only=True)[:, -1, :]  # (B, vocab_size)
         return events
 
     def reset(self):
@@ -452,7 +452,7 @@ class Engine:
                 self.cache.clear_slot(slot)
                 self.cache.select(slot, 1)
                 ids = torch.tensor([seq.tokens], dtype=torch.long, device=device)  # (1, T)
-                row = self.model(ids, kv_cache=self.cache)[:, -1, :]  # (1, vocab_size)
+                row = self.model(ids, kv_cache=self.cache, last_only=True)[:, -1, :]  # (1, vocab_size)
                 prefilled.add(id(seq))
             self.logits = row if self.logits is None or slot == 0 else torch.cat([self.logits, row])
 

@@ -352,7 +352,7 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx: (B, T) int64 token ids.
 
         Returns fp32 logits (B, T, vocab_size) when targets is None; otherwise the
@@ -360,6 +360,8 @@ class GPT(nn.Module):
         a scalar for loss_reduction "mean" (over non-ignored positions) or "sum", and (B, T)
         per-position losses (0 where ignored) for "none". With kv_cache (engine.KVCache), row b of idx
         continues the sequence cached in the b-th slot the cache selected, at that slot's length onwards.
+        last_only (inference): logits of the last position only, (B, 1, vocab_size), which spares
+        a prefill the lm_head matmul of every other position (most of a small model's FLOPs).
 
         Raises:
             ValueError: the sequence runs past the rotary tables (10 x sequence_len).
@@ -389,6 +391,8 @@ class GPT(nn.Module):
                     ve = self.value_embeds[str(i)](idx)  # (B, T, n_kv_head * head_dim)
             x = block(x, ve, cos_sin, kv_cache)
         x = norm(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, n_embd)
         logits = self.lm_head(x)[..., :self.config.vocab_size]  # drop the padding rows
         logits = logits.float()  # (B, T, vocab_size), softcap and loss in fp32
         logits = self.softcap * torch.tanh(logits / self.softcap)

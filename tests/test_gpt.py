@@ -138,6 +138,15 @@ def test_kv_cache_rows_at_different_positions_match_their_full_forwards():
     assert cache.lengths == [11, 6, 15, 6]
 
 
+def test_last_only_gives_the_last_position_s_logits():
+    model = build(TINY)
+    randomize_residual_projections(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 7))
+    last = model(idx, last_only=True)
+    assert last.shape == (2, 1, TINY.vocab_size)
+    torch.testing.assert_close(last, model(idx)[:, -1:], atol=1e-6, rtol=1e-6)
+
+
 def test_loss_ignores_minus_one_targets_and_reductions_agree():
     model = build(TINY)
     randomize_residual_projections(model)
