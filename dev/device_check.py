@@ -49,15 +49,17 @@ SIZES = {
     "gpu": dict(preset="tiny", part1_depths=[20], part2_depths=[12, 26], seq=2048, vocab=65536, steps=8, warmup=3,
                 decode_depth=20, decode_batches=[1, 8, 32], decode_tokens=128, prompt_tokens=512,
                 fp8_depths=[20, 26], memory_depth=20, memory_batches=[4, 8, 16, 32], autotune_depth=12,
-                sdpa_batch=16),
+                sdpa_batch=16, serving_depth=20, serving_clients=[1, 8, 32, 64], serving_tokens=64),
     "cpu": dict(preset="smoke", part1_depths=[2], part2_depths=[4], seq=256, vocab=2048, steps=2, warmup=1,
                 decode_depth=2, decode_batches=[1, 4], decode_tokens=8, prompt_tokens=32,
-                fp8_depths=[2], memory_depth=2, memory_batches=[2, 4], autotune_depth=None, sdpa_batch=2),
+                fp8_depths=[2], memory_depth=2, memory_batches=[2, 4], autotune_depth=None, sdpa_batch=2,
+                serving_depth=2, serving_clients=[1, 4], serving_tokens=8),
 }
 STAGE_TIMEOUT_S = 240
 # seconds after which a part starts no new item. The device time (15 minutes) also pays for each
-# machine start and idle wait: part 1 fits a `run` call of 450 s, part 2 one of 270 s.
-BUDGET_S = {"1": 300, "2": 150}
+# machine start and idle wait: part 1 fits a `run` call of 450 s, part 2 one of 270 s, part 3
+# (serving, one item) one of 330 s.
+BUDGET_S = {"1": 300, "2": 150, "3": 300}
 
 
 class Report:
@@ -66,7 +68,7 @@ class Report:
     def __init__(self, out_dir, part, mode, budget_s):
         self.out_dir, self.part, self.budget_s, self.t0 = out_dir, part, budget_s, time.time()
         self.data = {"part": part, "mode": mode, "machine": machine_info(), "checks": [], "train": [], "decode": [],
-                     "sdpa": [], "fp8": [], "memory": [], "settings": {}}
+                     "serving": [], "sdpa": [], "fp8": [], "memory": [], "settings": {}}
         os.makedirs(out_dir, exist_ok=True)
 
     def time_left(self):
@@ -349,6 +351,31 @@ def measure_decode(report, sizes):
     return {"detail": "; ".join(lines)}
 
 
+def measure_serving(report, sizes):
+    """bench/serving.py on this device: chat_web decoding one request at a time (--max-batch 1)
+    vs continuously batched, under 1..64 concurrent streaming OpenAI clients, random weights."""
+    out = os.path.join(report.out_dir, "serving.json")
+    args = ["--depth", str(sizes["serving_depth"]), "--clients", ",".join(map(str, sizes["serving_clients"])),
+            "--max-tokens", str(sizes["serving_tokens"]), "--requests-per-client", "1", "--device-type", device_type(),
+            "--out", out]
+    proc = subprocess.run([sys.executable, "-m", "bench.serving", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=max(60, report.time_left() + 120))
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.serving exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+    with open(out) as f:
+        rows = json.load(f)
+    baseline = {r["clients"]: r["aggregate_tok_s"] for r in rows if r["max_batch"] == 1}
+    for r in rows:
+        report.data["serving"].append({
+            "server": r["server"], "max_batch": r["max_batch"], "clients": r["clients"],
+            "aggregate_tok_s": round(r["aggregate_tok_s"], 1), "ratio": round(r["aggregate_tok_s"] / baseline[r["clients"]], 2),
+            "per_request_tok_s": round(r["per_request_tok_s"], 1), "ttft_p50_s": round(r["ttft_p50_s"], 3),
+            "ttft_p95_s": round(r["ttft_p95_s"], 3), "errors": r["errors"], "slots_free_after": r["slots_free_after"]})
+    if any(r["errors"] or not r["slots_free_after"] for r in rows):
+        raise RuntimeError(f"errors or busy slots after the run: {rows}")
+    return {"detail": "; ".join(f"{r['server']} x{r['clients']}: {r['aggregate_tok_s']} tok/s" for r in report.data["serving"])}
+
+
 def measure_sdpa(report, sizes):
     """Causal attention forward + backward at d20's head shape under each SDPA backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -472,6 +499,11 @@ def to_markdown(data):
                 "that traffic):\n\n",
                 table(data["decode"], ["depth", "weights", "batch", "prompt", "tokens", "ttft_ms", "tok_s",
                                        "bandwidth_pct"])]
+    if data["serving"]:
+        out += ["Serving (bench/serving.py: chat_web on 127.0.0.1, streaming OpenAI clients, random weights, fixed reply "
+                "length; ratio: aggregate tok/s against --max-batch 1 at the same clients):\n\n",
+                table(data["serving"], ["server", "max_batch", "clients", "aggregate_tok_s", "ratio", "per_request_tok_s",
+                                        "ttft_p50_s", "ttft_p95_s", "errors", "slots_free_after"])]
     if data["sdpa"]:
         out += ["SDPA backends (causal forward + backward):\n\n", table(data["sdpa"], ["backend", "shape", "ms", "error"])]
     if data["fp8"]:
@@ -490,7 +522,7 @@ def to_markdown(data):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The GPU device check (see the module docstring)")
-    parser.add_argument("--part", default="1", choices=["1", "2", "all"])
+    parser.add_argument("--part", default="1", choices=["1", "2", "3", "all"])
     parser.add_argument("--cpu", action="store_true", help="CPU sizes (tests; a GPU is not needed)")
     parser.add_argument("--out", default=os.environ.get("OUT", "device_check_out"), help="where results go (default $OUT)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -504,7 +536,7 @@ def main(argv=None):
     if not base_dir or not os.path.isdir(os.path.join(base_dir, "tokenizer")):
         sys.exit("device_check: NANOCHAT_BASE_DIR must hold base_data/ shards and a trained tokenizer/ "
                  "(dev/device_check.sh sets it up from .device_pack/)")
-    parts = ["1", "2"] if args.part == "all" else [args.part]
+    parts = ["1", "2", "3"] if args.part == "all" else [args.part]
     failed = []
     for part in parts:
         report = Report(args.out, part, mode, args.budget_s or BUDGET_S[part])
@@ -512,6 +544,8 @@ def main(argv=None):
             for depth in sizes["part1_depths"]:
                 report.run(f"throughput d{depth}", measure_training, report, depth, sizes)
             run_stages(report, sizes, base_dir)
+        elif part == "3":
+            report.run(f"serving d{sizes['serving_depth']}", measure_serving, report, sizes)
         else:  # the cheap items first (no compilation), then by value
             report.run("memory model grid", measure_memory_grid, report, sizes)
             report.run(f"decode d{sizes['decode_depth']}", measure_decode, report, sizes)

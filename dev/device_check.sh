@@ -7,10 +7,11 @@ set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-Usage: bash dev/device_check.sh [--part 1|2|all] [--budget-s S] [--cpu]
+Usage: bash dev/device_check.sh [--part 1|2|3|all] [--budget-s S] [--cpu]
 
-  --part 1     the stages on CUDA + d20 throughput (default); --part 2: the measurements
-  --budget-s   start no new item after S seconds (default: 300 for part 1, 150 for part 2)
+  --part 1     the stages on CUDA + d20 throughput (default); --part 2: the measurements;
+               --part 3: serving (chat_web, batch 1 vs continuous batching, 1-64 clients)
+  --budget-s   start no new item after S seconds (default: 300 for part 1, 150 for part 2, 300 for part 3)
   --cpu        CPU sizes, no GPU needed (what the tests run)
 
 Prepare .device_pack/ here first with `bash dev/device_pack.sh`; bench/README.md has the `run` call.
