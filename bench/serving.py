@@ -5,9 +5,11 @@ clients, and reports aggregate generated tokens/s, per-request tokens/s, time to
 p50/p95 and errors.
 
 Baseline, measured in the same run: the same server with --max-batch 1, one request decoded at
-a time per replica (how chat_web served before continuous batching). The ratio column is the
-aggregate tokens/s against the baseline at the same number of clients. After each server's runs
-its /stats must show every slot free and nobody waiting (else the run is marked).
+a time per replica (how chat_web served before continuous batching). Both servers run side by
+side and take turns at each client count, and the sweep repeats (--repeats); the ratio column is
+the median over repeats of the aggregate tokens/s against the baseline's at the same clients in
+the same repeat (a shared CPU's speed drifts by tens of percent over minutes). After each run the
+server's /stats must show every slot free and nobody waiting (else the row says NO).
 
 The model: a depth --depth GPT with random weights (tokens/s does not depend on what the weights
 are) whose stop tokens are suppressed, so every reply runs exactly --max-tokens tokens (the
@@ -128,17 +130,22 @@ def run_load(url, clients, requests_per_client, max_tokens):
     results = []
     lock = threading.Lock()
 
+    # the clients are made before the clock starts: each loads its TLS settings, ~50 ms of CPU
+    openai_clients = [OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) for _ in range(clients)]
+    start = threading.Barrier(clients + 1)
+
     def client_loop(c):
-        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        start.wait()
         for r in range(requests_per_client):
-            out = one_request(client, max_tokens, seed=1000 * c + r)
+            out = one_request(openai_clients[c], max_tokens, seed=1000 * c + r)
             with lock:
                 results.append(out)
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
+    start.wait()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -161,6 +168,7 @@ def main():
     parser.add_argument("--sequence-len", type=int, default=2048, help="the model's context (sets the KV-cache slot size)")
     parser.add_argument("--clients", default="1,4,8,16", help="comma list of concurrent clients")
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="sweeps over the client counts (medians are reported)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (every reply runs this long)")
     parser.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: chat_web's)")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: chat_web's autodetect")
@@ -173,44 +181,69 @@ def main():
     flags = ["--max-queue", "1024", "--queue-timeout", "3600"]
     if args.device_type:
         flags += ["--device-type", args.device_type]
-    servers = [("batch 1 (baseline)", ["--max-batch", "1"]),
+    configs = [("batch 1 (baseline)", ["--max-batch", "1"]),
                ("continuous", [] if args.max_batch is None else ["--max-batch", str(args.max_batch)])]
-    rows = []
+    runs = []  # every phase of every repeat
     with tempfile.TemporaryDirectory(prefix="nanochat_serving_") as scratch:
         tag = build_model_dir(base_dir, scratch, args.depth, args.sequence_len)
-        for port_offset, (name, server_flags) in enumerate(servers):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            server = Server(scratch, port, ["--model-tag", tag, *flags, *server_flags], os.path.join(scratch, f"server{port_offset}.log"))
-            try:
-                one_request_warmup(server.url, args.max_tokens)
-                max_batch = httpx.get(server.url + "/stats").json()["slots"]["total"]
+        servers = []
+        try:
+            for i, (name, server_flags) in enumerate(configs):  # both up at once; the idle one costs nothing
+                servers.append(Server(scratch, free_port(), ["--model-tag", tag, *flags, *server_flags],
+                                      os.path.join(scratch, f"server{i}.log")))
+                one_request_warmup(servers[-1].url, args.max_tokens)
+            max_batch = [httpx.get(s.url + "/stats").json()["slots"]["total"] for s in servers]
+            # the baseline and the batched server take turns at each client count, and the sweep
+            # repeats: a machine whose speed drifts over minutes shifts both alike
+            for repeat in range(args.repeats):
                 for n in clients:
-                    row = {"server": name, "max_batch": max_batch, **run_load(server.url, n, args.requests_per_client, args.max_tokens)}
-                    stats = httpx.get(server.url + "/stats").json()
-                    row["slots_free_after"] = stats["slots"]["active"] == 0 and stats["waiting"] == 0
-                    rows.append(row)
-                    print(f"{name:<20} max_batch {max_batch:>3} | {n:>3} clients | {row['aggregate_tok_s']:8.1f} tok/s aggregate | "
-                          f"{row['per_request_tok_s']:7.1f} tok/s per request | ttft p50 {row['ttft_p50_s']:.3f} s "
-                          f"p95 {row['ttft_p95_s']:.3f} s | errors {row['errors']} | slots free after: {row['slots_free_after']}",
-                          flush=True)
-                    if args.out:
-                        with open(args.out, "w") as f:
-                            json.dump(rows, f, indent=1)
-            finally:
+                    for (name, _), server, batch in zip(configs, servers, max_batch):
+                        row = {"server": name, "max_batch": batch, "repeat": repeat,
+                               **run_load(server.url, n, args.requests_per_client, args.max_tokens)}
+                        stats = httpx.get(server.url + "/stats").json()
+                        row["slots_free_after"] = stats["slots"]["active"] == 0 and stats["waiting"] == 0
+                        runs.append(row)
+                        print(f"repeat {repeat} | {name:<20} max_batch {batch:>3} | {n:>3} clients | "
+                              f"{row['aggregate_tok_s']:8.1f} tok/s aggregate | {row['per_request_tok_s']:7.1f} tok/s per request | "
+                              f"ttft p50 {row['ttft_p50_s']:.3f} s p95 {row['ttft_p95_s']:.3f} s | errors {row['errors']}", flush=True)
+                        if args.out:
+                            with open(args.out, "w") as f:
+                                json.dump(runs, f, indent=1)
+        finally:
+            for server in servers:
                 server.stop()
 
-    baseline = {r["clients"]: r for r in rows if r["server"] == servers[0][0]}
-    print(f"\nd{args.depth}, {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client; "
-          "ratio = aggregate tok/s / the batch-1 server's at the same clients")
+    rows = summarize(runs, configs[0][0])
+    print(f"\nd{args.depth}, {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client, "
+          f"median of {args.repeats} repeats; ratio = the median over repeats of aggregate tok/s / the batch-1 server's "
+          "at the same clients in the same repeat")
     print("| server | max batch | clients | aggregate tok/s | ratio | per-request tok/s | TTFT p50 s | TTFT p95 s | errors | slots free after |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = r["aggregate_tok_s"] / baseline[r["clients"]]["aggregate_tok_s"]
-        print(f"| {r['server']} | {r['max_batch']} | {r['clients']} | {r['aggregate_tok_s']:,.1f} | {ratio:.2f}x | "
+        print(f"| {r['server']} | {r['max_batch']} | {r['clients']} | {r['aggregate_tok_s']:,.1f} | {r['ratio']:.2f}x | "
               f"{r['per_request_tok_s']:,.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | {r['errors']} | "
               f"{'yes' if r['slots_free_after'] else 'NO'} |")
+
+
+def summarize(runs, baseline_name):
+    """One row per (server, clients): medians over the repeats, the ratio against the baseline
+    server in the same repeat, errors summed, slots free after every repeat."""
+    baseline = {(r["repeat"], r["clients"]): r["aggregate_tok_s"] for r in runs if r["server"] == baseline_name}
+    rows = []
+    for key in dict.fromkeys((r["server"], r["max_batch"], r["clients"]) for r in runs):
+        group = [r for r in runs if (r["server"], r["max_batch"], r["clients"]) == key]
+        rows.append({"server": key[0], "max_batch": key[1], "clients": key[2], "repeats": len(group),
+                     **{k: statistics.median(r[k] for r in group)
+                        for k in ("aggregate_tok_s", "per_request_tok_s", "ttft_p50_s", "ttft_p95_s")},
+                     "ratio": statistics.median(r["aggregate_tok_s"] / baseline[(r["repeat"], r["clients"])] for r in group),
+                     "errors": sum(r["errors"] for r in group), "slots_free_after": all(r["slots_free_after"] for r in group)})
+    return rows
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def one_request_warmup(url, max_tokens):

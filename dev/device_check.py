@@ -356,19 +356,20 @@ def measure_serving(report, sizes):
     vs continuously batched, under 1..64 concurrent streaming OpenAI clients, random weights."""
     out = os.path.join(report.out_dir, "serving.json")
     args = ["--depth", str(sizes["serving_depth"]), "--clients", ",".join(map(str, sizes["serving_clients"])),
-            "--max-tokens", str(sizes["serving_tokens"]), "--requests-per-client", "1", "--device-type", device_type(),
+            "--max-tokens", str(sizes["serving_tokens"]), "--requests-per-client", "1", "--repeats", "1",
+            "--device-type", device_type(),
             "--out", out]
     proc = subprocess.run([sys.executable, "-m", "bench.serving", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=max(60, report.time_left() + 120))
     if proc.returncode != 0:
         raise RuntimeError(f"bench.serving exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+    from bench.serving import summarize
     with open(out) as f:
-        rows = json.load(f)
-    baseline = {r["clients"]: r["aggregate_tok_s"] for r in rows if r["max_batch"] == 1}
+        rows = summarize(json.load(f), "batch 1 (baseline)")
     for r in rows:
         report.data["serving"].append({
             "server": r["server"], "max_batch": r["max_batch"], "clients": r["clients"],
-            "aggregate_tok_s": round(r["aggregate_tok_s"], 1), "ratio": round(r["aggregate_tok_s"] / baseline[r["clients"]], 2),
+            "aggregate_tok_s": round(r["aggregate_tok_s"], 1), "ratio": round(r["ratio"], 2),
             "per_request_tok_s": round(r["per_request_tok_s"], 1), "ttft_p50_s": round(r["ttft_p50_s"], 3),
             "ttft_p95_s": round(r["ttft_p95_s"], 3), "errors": r["errors"], "slots_free_after": r["slots_free_after"]})
     if any(r["errors"] or not r["slots_free_after"] for r in rows):
