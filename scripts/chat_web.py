@@ -128,7 +128,7 @@ class Worker:
     for all of them (continuous batching: requests join and leave between steps).
 
     submit() hands it a Generation (event loop thread); the thread adds it to the engine, streams
-    its tokens back, and ends it (the slot goes back to the pool) after a stop token, max_tokens,
+    its tokens back (deliver(), once per step), and ends it (the slot goes back to the pool) after a stop token, max_tokens,
     a cancel, or an error of the model (which ends every request in that batch: the engine is
     reset and the replica serves on). Counters (tokens_generated, busy_seconds) are written by
     the thread only.
@@ -168,11 +168,12 @@ class Worker:
                 while not self.inbox and not self.engine.has_work():
                     self.wakeup.wait()
                 new, self.inbox = self.inbox, []
+            out = []  # (generation, token | Generation.END | exception): handed to the event loop in one call per step
             for generation in new:
                 try:
                     generation.seq = self.engine.add(generation.prompt, generation.max_tokens, **generation.sampling_params)[0]
                 except ValueError as e:
-                    generation.end(e)
+                    out.append((generation, e))
                     continue
                 if generation.stopped:  # cancelled before it got here
                     generation.seq.cancel()
@@ -185,15 +186,30 @@ class Worker:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 print0(f"worker {self.index}: generation failed: {type(e).__name__}: {e}")
-                for seq in self.engine.reset():
-                    generations.pop(id(seq)).end(e)
+                out += [(generations.pop(id(seq)), e) for seq in self.engine.reset()]
+                deliver(out)
                 continue
-            for seq, token, _ in events:
-                generations[id(seq)].send(token)
+            out += [(generations[id(seq)], token) for seq, token, _ in events]
             self.tokens_generated += len(events)
             self.busy_seconds += time.perf_counter() - t0
             for key in [key for key, generation in generations.items() if generation.seq.finished]:
-                generations.pop(key).end()
+                out.append((generations.pop(key), Generation.END))
+            deliver(out)
+
+
+def deliver(out):
+    """(worker thread) Hand a step's tokens and endings to the event loop in one wake-up (one per
+    token made the loop's thread fight the worker for the GIL once per token)."""
+    if not out:
+        return
+    def receive():
+        for generation, item in out:
+            generation.receive(item)
+    try:
+        out[0][0].loop.call_soon_threadsafe(receive)
+    except RuntimeError:  # the event loop closed (server shutting down)
+        for generation, _ in out:
+            generation.cancel()
 
 
 def default_max_batch(model, device, dtype):
@@ -267,12 +283,12 @@ class WorkerPool:
 class Generation:
     """One reply, decoded by a worker in its batch; token ids come back through an asyncio queue.
 
-    It starts at once (worker.submit); the worker calls send() per token and end() when the
-    sequence is over, which gives the slot back to `pool`. cancel() (the client went away, or a
-    stop string matched) takes it out of the batch at the worker's next step.
+    It starts at once (worker.submit); the worker's deliver() passes each token, then the end,
+    to receive() on the event loop, which gives the slot back to `pool` at the end. cancel() (the
+    client went away, or a stop string matched) takes it out of the batch at the worker's next step.
     """
 
-    _END = object()
+    END = object()
 
     def __init__(self, pool, worker, prompt, max_tokens, sampling_params, arrived=None):
         self.loop = asyncio.get_running_loop()
@@ -284,25 +300,15 @@ class Generation:
         self.seq = None  # the engine's Sequence, once the worker took it
         worker.submit(self)
 
-    def _call(self, fn, *args):
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop closed (server shutting down)
-            self.cancel()
-
-    def send(self, token):
-        """(worker thread) One more token of the reply."""
-        if not self.stopped:
-            self._call(self.queue.put_nowait, token)
-
-    def end(self, error=None):
-        """(worker thread) The reply is over (error: the exception that ended it)."""
-        self._call(self.queue.put_nowait, self._END if error is None else error)
-
-        def finish():
-            self.worker.requests_served += 1
-            self.pool.release(self.worker)
-        self._call(finish)
+    def receive(self, item):
+        """(event loop) A token, or the end (END or the exception that ended it: the slot goes back)."""
+        if isinstance(item, int):
+            if not self.stopped:
+                self.queue.put_nowait(item)
+            return
+        self.queue.put_nowait(item)
+        self.worker.requests_served += 1
+        self.pool.release(self.worker)
 
     def cancel(self):
         self.stopped = True
@@ -319,7 +325,7 @@ class Generation:
         try:
             while True:
                 item = await self.queue.get()
-                if item is self._END:
+                if item is self.END:
                     return
                 if isinstance(item, Exception):
                     self.pool.stats["errors"] += 1
