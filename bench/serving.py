@@ -213,6 +213,11 @@ def main():
             for server in servers:
                 server.stop()
 
+        engine_rows = measure_engine(scratch, tag, args.device_type, sorted({1, *clients}), args.max_tokens)
+    print("\nThe Engine alone (no HTTP): Engine.generate_many over 32 prompts:")
+    for r in engine_rows:
+        print(f"  max_batch {r['max_batch']:>3}: {r['tok_s']:8.1f} tok/s ({r['tok_s'] / engine_rows[0]['tok_s']:.2f}x max_batch 1)")
+
     rows = summarize(runs, configs[0][0])
     print(f"\nd{args.depth}, {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client, "
           f"median of {args.repeats} repeats; ratio = the median over repeats of aggregate tok/s / the batch-1 server's "
@@ -237,6 +242,33 @@ def summarize(runs, baseline_name):
                         for k in ("aggregate_tok_s", "per_request_tok_s", "ttft_p50_s", "ttft_p95_s")},
                      "ratio": statistics.median(r["aggregate_tok_s"] / baseline[(r["repeat"], r["clients"])] for r in group),
                      "errors": sum(r["errors"] for r in group), "slots_free_after": all(r["slots_free_after"] for r in group)})
+    return rows
+
+
+def measure_engine(scratch, tag, device_type, batches, max_tokens, num_prompts=32):
+    """The same model without HTTP: Engine.generate_many over num_prompts prompts at each
+    max_batch (1 = one at a time, how chat_eval decoded before), tokens/s of generated tokens."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type
+    from nanochat.engine import Engine
+    os.environ["NANOCHAT_BASE_DIR"] = scratch
+    device = device_type or autodetect_device_type()
+    model, tokenizer, _ = load_model("sft", device, "eval", model_tag=tag)
+    dtype = torch.bfloat16 if device == "cuda" else None
+    prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": f"{PROMPT} ({i})"}]})
+               for i in range(num_prompts)]
+    rows = []
+    for max_batch in batches:
+        engine = Engine(model, tokenizer)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            engine.generate_many(prompts[:2], max_batch=max_batch, max_tokens=4)  # warm-up
+            t0 = time.perf_counter()
+            outputs = engine.generate_many(prompts, max_batch=max_batch, max_tokens=max_tokens, temperature=1.0, top_k=50)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r) - len(p) for p, (results, _) in zip(prompts, outputs) for r in results)
+        rows.append({"max_batch": max_batch, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds})
     return rows
 
 
