@@ -70,21 +70,28 @@ def build_model_dir(base_dir, scratch, depth, sequence_len):
     return tag
 
 
-class Server:
-    """scripts.chat_web in a subprocess on 127.0.0.1 with the given flags; waits for /health."""
+class ChatWebServer:
+    """`python -m scripts.chat_web --host 127.0.0.1 --port <free> *flags` in a subprocess with
+    NANOCHAT_BASE_DIR=base_dir (its output in base_dir/server_<port>.log); returns once /health
+    answers. .url, .log(), .stop().
 
-    def __init__(self, base_dir, port, flags, log_path):
-        env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONUNBUFFERED": "1"}
+    Raises:
+        RuntimeError: the server exited, or did not answer within timeout_s; the message holds its output.
+    """
+
+    def __init__(self, base_dir, *flags, timeout_s=300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base_dir, f"server_{self.port}.log")
+        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("NANOCHAT_API_KEY", None)
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--source", "sft", "--host", "127.0.0.1",
-                                          "--port", str(port), *flags], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(self.port),
+                                          *flags], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                sys.exit(f"bench.serving: chat_web exited:\n{open(log_path).read()}")
+                raise RuntimeError(f"chat_web exited early:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -92,9 +99,15 @@ class Server:
                 pass
             time.sleep(0.3)
         self.stop()
-        sys.exit(f"bench.serving: chat_web did not come up in 300 s:\n{open(log_path).read()}")
+        raise RuntimeError(f"chat_web did not come up in {timeout_s} s:\n{self.log()}")
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
 
     def stop(self):
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
@@ -188,9 +201,11 @@ def main():
         tag = build_model_dir(base_dir, scratch, args.depth, args.sequence_len)
         servers = []
         try:
-            for i, (name, server_flags) in enumerate(configs):  # both up at once; the idle one costs nothing
-                servers.append(Server(scratch, free_port(), ["--model-tag", tag, *flags, *server_flags],
-                                      os.path.join(scratch, f"server{i}.log")))
+            for name, server_flags in configs:  # both up at once; the idle one costs nothing
+                try:
+                    servers.append(ChatWebServer(scratch, "--source", "sft", "--model-tag", tag, *flags, *server_flags))
+                except RuntimeError as e:
+                    sys.exit(f"bench.serving: {e}")
                 one_request_warmup(servers[-1].url, args.max_tokens)
             max_batch = [httpx.get(s.url + "/stats").json()["slots"]["total"] for s in servers]
             # the baseline and the batched server take turns at each client count, and the sweep

@@ -5,16 +5,12 @@ Not for: fixtures of one test module (they stay in that module).
 """
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import asdict
 
-import httpx
 import pytest
 import torch
 
+from bench.serving import ChatWebServer, free_port  # noqa: F401  (free_port: for the test modules)
 from nanochat.run_shape import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,49 +54,9 @@ def chat_base_dir(tmp_path_factory):
     return base_dir
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m scripts.chat_web` in a subprocess on 127.0.0.1; .url, .log(), .stop()."""
-
-    def __init__(self, base_dir, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(base_dir, f"server_{self.port}.log")
-        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1"}
-        env.pop("NANOCHAT_API_KEY", None)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--port", str(self.port), "--device-type", "cpu", *flags],
-                                         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"server did not come up:\n{self.log()}")
-
-    def log(self):
-        with open(self.log_path) as f:
-            return f.read()
-
-    def stop(self):
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def Server(base_dir, *flags):
+    """chat_web on 127.0.0.1 on the CPU with `flags` (bench.serving.ChatWebServer); .url, .log(), .stop()."""
+    return ChatWebServer(base_dir, "--device-type", "cpu", *flags, timeout_s=120)
 
 
 @pytest.fixture(scope="module")
