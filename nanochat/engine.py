@@ -285,7 +285,6 @@ class Sequence:
 
     def __init__(self, tokens, max_tokens, temperature, top_k, top_p, seed):
         self.tokens = list(tokens)
-        self.prompt_len = len(tokens)
         self.max_tokens = max_tokens
         self.sampling = (temperature, top_k, top_p)
         self.rng = torch.Generator().manual_seed(seed)  # on the CPU: one uniform per step, whatever the device
