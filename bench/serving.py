@@ -288,6 +288,7 @@ def measure_engine(scratch, tag, device_type, batches, max_tokens, num_prompts=3
 
 
 def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -116,6 +116,15 @@ class KVCache:
         self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:3], pad, self.v.size(4))], dim=3)
         self.capacity = new_capacity
 
+    def add_slots(self, num_slots):
+        """Grow to num_slots slots (empty, zero-filled), keeping the cached tokens."""
+        pad = num_slots - self.num_slots
+        if self.k is not None:
+            self.k = torch.cat([self.k, self.k.new_zeros(self.k.size(0), pad, *self.k.shape[2:])], dim=1)
+            self.v = torch.cat([self.v, self.v.new_zeros(self.v.size(0), pad, *self.v.shape[2:])], dim=1)
+        self.lengths += [0] * pad
+        self.num_slots = num_slots
+
     def copy_slot(self, src, dst):
         """Make slot dst hold what slot src holds (only the filled positions are copied)."""
         n = self.lengths[src]
@@ -125,6 +134,7 @@ class KVCache:
         self.lengths[dst] = n
 
     def clear_slot(self, slot):
+        """Mark slot `slot` empty (its old keys and values stay, masked, until overwritten)."""
         self.lengths[slot] = 0
 
 
@@ -372,6 +382,7 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def num_waiting(self):
+        """Sequences added but not yet admitted into a slot."""
         return len(self.waiting)
 
     @torch.inference_mode()
@@ -417,14 +428,8 @@ class Engine:
         if self.cache is None:  # slots as long as the first sequence needs; prepare() grows them for longer ones
             capacity = min(self.model.config.sequence_len, len(needed.tokens) + needed.max_tokens)
             self.cache = KVCache(max(num_slots, self.max_batch or 0), n_layer, capacity)
-        elif num_slots > self.cache.num_slots:  # grow (max_batch None): double, keeping what is cached
-            cache, grown = self.cache, max(num_slots, 2 * self.cache.num_slots)
-            if cache.k is not None:
-                pad = grown - cache.num_slots
-                cache.k = torch.cat([cache.k, cache.k.new_zeros(cache.k.size(0), pad, *cache.k.shape[2:])], dim=1)
-                cache.v = torch.cat([cache.v, cache.v.new_zeros(cache.v.size(0), pad, *cache.v.shape[2:])], dim=1)
-            cache.lengths += [0] * (grown - cache.num_slots)
-            cache.num_slots = grown
+        elif num_slots > self.cache.num_slots:  # max_batch None: double, keeping what is cached
+            self.cache.add_slots(max(num_slots, 2 * self.cache.num_slots))
 
     def _admit(self):
         """Move waiting sequences into free slots, prefilling each prompt (batch 1) or copying the

@@ -127,9 +127,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
             completions = [tokenizer.decode(r[len(prompt):]) for r in results]
             passed += int(any(task.evaluate(conversation, c) for c in completions))
         done = start + len(conversations)
-        if done % 50 == 0 or done == len(indices):
-            print0(f"  {task_name}: {done}/{len(indices)} problems on this process, {passed / done:.2%} "
-                   f"passed, {time.time() - t0:.0f}s")
+        print0(f"  {task_name}: {done}/{len(indices)} problems on this process, {passed / done:.2%} "
+               f"passed, {time.time() - t0:.0f}s")
     return _all_reduce_counts(passed, len(indices), device)
 
 

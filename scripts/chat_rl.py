@@ -77,7 +77,7 @@ def sample_rollouts(engine, tokenizer, prompts, seeds, num_samples, max_new_toke
     rewarded, so it is trained on too); masks are 1 on sampled tokens, 0 on the prompt and on
     tokens the calculator tool forced in; replies are the decoded replies without the stop token.
     """
-    stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    stop_tokens = engine.stop_tokens
     outputs = engine.generate_many(prompts, num_samples, max_batch=sample_batch_size, seeds=seeds, include_stop=True,
                                    max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     groups = []
