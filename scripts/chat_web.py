@@ -128,22 +128,25 @@ class Worker:
     for all of them (continuous batching: requests join and leave between steps).
 
     submit() hands it a Generation (event loop thread); the thread adds it to the engine, streams
-    its tokens back (deliver(), once per step), and ends it (the slot goes back to the pool) after a stop token, max_tokens,
-    a cancel, or an error of the model (which ends every request in that batch: the engine is
-    reset and the replica serves on). Counters (tokens_generated, busy_seconds) are written by
+    its tokens back (deliver(), once per step), and ends it (the slot goes back to the pool) after
+    a stop token, max_tokens, a cancel, or an error of the model (which ends every request in
+    that batch: the engine is reset and the replica serves on). Counters (tokens_generated, busy_seconds) are written by
     the thread only.
     """
 
     def __init__(self, index, model, tokenizer, dtype, max_batch):
         self.index, self.device, self.dtype = index, model.lm_head.weight.device, dtype
         self.engine = Engine(model, tokenizer, max_batch=max_batch)
-        self.max_batch = max_batch
         self.active = 0  # requests holding one of its slots (changed on the event loop's thread)
         self.requests_served = 0
         self.tokens_generated, self.busy_seconds = 0, 0.0
         self.inbox = []
         self.wakeup = threading.Condition()
         self.thread = None  # started by the first submit()
+
+    @property
+    def max_batch(self):
+        return self.engine.max_batch
 
     def autocast(self):
         """A fresh autocast context (one per step: contexts keep state while entered)."""
