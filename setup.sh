@@ -3,7 +3,8 @@
 #   - installs uv (from PyPI) if it is missing
 #   - creates .venv with `uv sync` (which also compiles the rustbpe extension with cargo)
 #   - checks the GPU (bf16, torch.compile; on a GB10 the CUDA 13 ptxas) and writes .nanochat_env
-#   - installs the Debian packages the chat tasks read (dev/apt_packages.txt: the word list, WordNet)
+#   - installs the Debian packages the chat tasks need (dev/apt_packages.txt: the word list, WordNet,
+#     bubblewrap for the code sandbox)
 #   - with --offline-data: installs the Debian text packages and builds the offline corpus
 # It never edits your shell start-up files.
 set -euo pipefail

@@ -1,46 +1,59 @@
 """
-Sandboxed execution of untrusted Python: the HumanEval grader and the calculator tool hand
-model-written programs to `execute_code`, which runs them in a fresh interpreter and reports
-what happened (exit status, captured output, timeout, memory exhaustion) instead of raising.
+Sandboxed execution of untrusted Python: the HumanEval grader (and anything else that hands
+over a program a model wrote) calls `execute_code`, which runs the program in a fresh
+interpreter and reports what happened (exit status, captured output, timeout, memory
+exhaustion) instead of raising.
 
 How one call runs (Linux only):
     execute_code (this process)
       └─ supervisor: `python -I -S execution.py`, a new session, child subreaper, our own uid
-           └─ the program: `python -s -S`, own process group, resource limits, and when we
-              are root, uid/gid 65534 (nobody/nogroup) with no capabilities
+           └─ bwrap (bubblewrap, https://github.com/containers/bubblewrap): new network, pid,
+              ipc and uts namespaces, a filesystem of read-only /usr and the interpreter only
+                └─ the program: `python -s -S`, own process group, resource limits, and when
+                   we are root, uid/gid 65534 (nobody/nogroup) with no capabilities
 The supervisor enforces the wall-clock timeout, then kills every process the program left
 behind, double-forked and setsid()-escaped ones included: as a child subreaper it inherits
-all of them. This process reads the output with a size cap and removes the working directory.
+all of them, and a pid namespace dies with its first process. This process reads the output
+with a size cap and removes the per-call directory.
+
+Two sandboxes, chosen once per process by `sandbox_kind()`:
+- "bubblewrap" (the default where `bwrap` runs; setup.sh installs it): everything below.
+- "basic" (no bwrap, or unprivileged user namespaces are off, or NANOCHAT_SANDBOX=basic): the
+  same process tree without bwrap. The first call prints one warning saying so. What it
+  lacks is marked [bwrap] below.
 
 What it protects against (code that a language model wrote by mistake or for a reward):
 - running forever: wall-clock timeout, and RLIMIT_CPU for CPU-bound threads;
 - exhausting the machine: RLIMIT_AS (memory), RLIMIT_FSIZE (10 MB per file written),
   RLIMIT_NPROC (fork bombs: 64 tasks on top of what the program's uid already runs),
-  RLIMIT_CORE 0, and at most `max_output_bytes` kept per output stream;
+  RLIMIT_CORE 0, at most `max_output_bytes` kept per output stream, and [bwrap] a disk of
+  its own: the working directory and /tmp are tmpfs of TMPFS_MB each, gone when it exits;
 - leftovers: every process it started is killed and its working directory removed;
 - leaking our state: the program gets a fresh environment (no secrets from os.environ),
   no inherited file descriptors, stdin from /dev/null;
-- when we run as root: the program runs as uid 65534 with no_new_privs, so it cannot write
-  where `nobody` cannot (our files, the repo, other users' directories), cannot signal our
-  processes (kill fails with EPERM), and RLIMIT_NPROC is enforced (the kernel does not
-  enforce it for root).
+- [bwrap] the network: its own network namespace has nothing but a loopback that is down,
+  so it reaches neither the internet nor servers on this machine's 127.0.0.1;
+- [bwrap] reading files: it sees /usr (and /bin, /lib... links into it), the interpreter's
+  install prefix, a fresh /proc, a minimal /dev and its own tmpfs; not the home directory,
+  the repo, $NANOCHAT_BASE_DIR, /etc, /root or other users' files;
+- [bwrap] other processes: in its pid namespace it sees, and can signal, only its own;
+- when we run as root: the program runs as uid 65534 with no_new_privs and no
+  capabilities, so it cannot write where `nobody` cannot, cannot signal our processes, and
+  RLIMIT_NPROC is enforced (the kernel does not enforce it for root). [basic] If `nobody`
+  cannot reach the interpreter (a pyenv or uv Python under /root) the program keeps
+  CAP_DAC_READ_SEARCH, which Python needs to start: it can then read every file.
 
 What it does NOT protect against:
-- a determined attacker: there is no seccomp filter, no namespace, no cgroup; a kernel
-  exploit escapes all of the above;
-- the network: the program can open sockets;
-- reading files: the program reads whatever its uid may read. When we are root and the
-  interpreter lives where `nobody` cannot reach it (e.g. a pyenv or uv Python under /root),
-  the program keeps one capability, CAP_DAC_READ_SEARCH, because Python could not start
-  without it: it can then read every file on the machine (still write none of ours);
+- a determined attacker: there is no seccomp filter and no cgroup; a kernel exploit
+  escapes all of the above;
 - third-party packages: the program sees the standard library only (-s -S), which is all
   HumanEval and the calculator need;
-- world-writable places: as `nobody` it can still create files in /tmp or /dev/shm, and
-  those are not cleaned up (each is at most 10 MB);
-- when we are not root, the program runs as our own user: it can write, delete and signal
-  anything we can, and RLIMIT_NPROC counts all of our processes. A small prelude turns off
-  the obvious destructive calls (os.remove, shutil.rmtree, os.kill, os.fork, subprocess, ...)
-  so that an accident is unlikely, but it is a guard rail, not a wall: ctypes gets around it.
+- [basic] the network, reading whatever its uid may read, and files left in world-writable
+  places (/tmp, /dev/shm; each at most 10 MB);
+- [basic] when we are not root, the program runs as our own user: it can write, delete and
+  signal anything we can. A small prelude turns off the obvious destructive calls
+  (os.remove, shutil.rmtree, os.kill, os.fork, subprocess, ...) so that an accident is
+  unlikely, but it is a guard rail, not a wall: ctypes gets around it.
 """
 
 import ctypes
@@ -63,6 +76,7 @@ SANDBOX_GID = 65534  # nogroup / nobody
 MAX_FILE_MB = 10  # RLIMIT_FSIZE: the largest file the program may write
 MAX_PROCESSES = 64  # RLIMIT_NPROC headroom: tasks (processes + threads) the program may add
 SUPERVISOR_GRACE = 5.0  # seconds past the timeout before we kill the supervisor itself
+TMPFS_MB = 64  # [bwrap] size of the program's working directory and of its /tmp, each
 
 # Linux constants (linux/prctl.h, linux/capability.h) that the standard library does not name.
 _PR_SET_KEEPCAPS = 8
@@ -116,6 +130,97 @@ class ExecutionResult:
     returncode: int | None  # exit status, -N if killed by signal N; None if it never ran
 
 
+_sandbox_kind = None  # what sandbox_kind() decided for this process
+
+
+def sandbox_kind():
+    """Which sandbox execute_code uses in this process: "bubblewrap" or "basic" (see the module
+    docstring). Decided on the first call, by NANOCHAT_SANDBOX (auto, the default; bubblewrap;
+    basic) and, for auto, by running `bwrap` once (~10 ms); prints one warning when it falls
+    back to "basic".
+
+    Raises:
+        RuntimeError: NANOCHAT_SANDBOX=bubblewrap but bwrap cannot run here (the message says why),
+            or NANOCHAT_SANDBOX holds something else.
+    """
+    global _sandbox_kind
+    if _sandbox_kind is not None:
+        return _sandbox_kind
+    wanted = os.environ.get("NANOCHAT_SANDBOX", "auto")
+    if wanted not in ("auto", "bubblewrap", "basic"):
+        raise RuntimeError(f"NANOCHAT_SANDBOX={wanted!r}: use auto, bubblewrap or basic")
+    problem = None if wanted == "basic" else _bubblewrap_problem()
+    if wanted == "bubblewrap" and problem:
+        raise RuntimeError(f"NANOCHAT_SANDBOX=bubblewrap, but {problem}")
+    if wanted == "auto" and problem:
+        print(f"WARNING: {problem}. Model-written code (HumanEval) runs in the basic sandbox: resource "
+              "limits and (as root) uid 65534, but with the network and every file its uid can read. "
+              "Install bubblewrap (apt-get install bubblewrap, or re-run setup.sh) to isolate it; "
+              "NANOCHAT_SANDBOX=basic silences this.", file=sys.stderr, flush=True)
+    _sandbox_kind = "basic" if wanted == "basic" or problem else "bubblewrap"
+    return _sandbox_kind
+
+
+def _bubblewrap_problem():
+    """None if bwrap can start an isolated interpreter here, else why not (one line)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    if os.geteuid() == 0 and shutil.which("setpriv", path="/usr/bin:/bin") is None:
+        return "setpriv (util-linux) is not in /usr/bin, so the sandbox cannot drop root"
+    home = tempfile.mkdtemp(prefix="nanochat-probe-")
+    try:
+        argv = _bubblewrap_argv(bwrap, [os.path.realpath(sys.executable), "-s", "-S", "-c", "print('ok')"], home, [])
+        probe = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bubblewrap could not start ({e})"
+    finally:
+        os.rmdir(home)
+    if probe.stdout != b"ok\n":
+        reason = probe.stderr.decode(errors="replace").strip().splitlines()
+        return f"bubblewrap could not start ({reason[-1] if reason else f'exit status {probe.returncode}'}; " \
+               "unprivileged user namespaces may be off: sysctl kernel.unprivileged_userns_clone)"
+    return None
+
+
+def _bubblewrap_argv(bwrap, python_argv, home, read_only_files):
+    """The bwrap command line that runs python_argv (its interpreter a real path, not a venv
+    link) in new network/pid/ipc/uts namespaces, over a filesystem of read-only /usr, the
+    interpreter's prefix and read_only_files, with home (its cwd) and /tmp as private tmpfs.
+    As root, bwrap keeps just enough to let setpriv become uid 65534 with no capabilities."""
+    as_root = os.geteuid() == 0
+    argv = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session"]
+    if not as_root:  # root needs no user namespace to make the others, and must keep real uids to drop to 65534
+        argv.append("--unshare-user")
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not prefix.startswith("/usr/"):
+        # its parents (e.g. /root of a pyenv Python) must be traversable by uid 65534, or the
+        # loader falls back to another libpython than the interpreter's
+        for parent in _parents(prefix)[1:]:
+            argv += ["--perms", "0755", "--dir", parent]
+        argv += ["--ro-bind", prefix, prefix]
+    tmpfs_bytes = str(TMPFS_MB * 2**20)
+    argv += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
+             "--perms", "0777" if as_root else "0700", "--size", tmpfs_bytes, "--tmpfs", home, "--chdir", home]
+    for path in read_only_files:  # after /tmp's tmpfs, which would hide them
+        argv += ["--ro-bind", path, path]
+    argv += ["--remount-ro", "/"]  # the root bwrap built is a tmpfs too: no third, unbounded place to write
+    if as_root:
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--",
+                 "/usr/bin/setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all"]
+    else:
+        argv.append("--")
+    return argv + python_argv
+
+
 def execute_code(code, timeout=5.0, memory_limit_mb=256, max_output_bytes=1_000_000):
     """Run the Python program `code` in a sandboxed child process and return an ExecutionResult.
 
@@ -139,14 +244,23 @@ def execute_code(code, timeout=5.0, memory_limit_mb=256, max_output_bytes=1_000_
     if not sys.platform.startswith("linux"):
         raise RuntimeError("execute_code needs Linux (prctl, /proc); it cannot sandbox on " + sys.platform)
 
+    sandbox = sandbox_kind()
     workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
     try:
-        return _run_supervised(code, workdir, float(timeout), memory_limit_mb, max_output_bytes)
+        return _run_supervised(code, workdir, float(timeout), memory_limit_mb, max_output_bytes, sandbox)
     finally:
         _remove_tree(workdir)
 
 
-def _run_supervised(code, workdir, timeout, memory_limit_mb, max_output_bytes):
+def _parents(path):
+    """The directories above `path`, outermost first: /a/b/c -> [/, /a, /a/b]."""
+    parents = []
+    while (path := os.path.dirname(path)) not in parents:
+        parents.insert(0, path)
+    return parents
+
+
+def _run_supervised(code, workdir, timeout, memory_limit_mb, max_output_bytes, sandbox):
     """Start the supervisor on `code` in `workdir`, collect its output, build the result.
 
     Layout: workdir/ (ours, 0711) holds program.py (ours, 0644) and home/ (0700, the program's
@@ -173,7 +287,8 @@ def _run_supervised(code, workdir, timeout, memory_limit_mb, max_output_bytes):
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     status_read, status_write = os.pipe()
-    config = {"program": program, "timeout": timeout, "memory_limit_mb": memory_limit_mb, "status_fd": status_write}
+    config = {"program": program, "home": home, "timeout": timeout, "memory_limit_mb": memory_limit_mb,
+              "status_fd": status_write, "sandbox": sandbox, "bwrap": shutil.which("bwrap")}
     try:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
@@ -335,8 +450,12 @@ def _supervise(config):
     if pid == 0:
         try:
             _enter_sandbox(config, libc)
-            argv = [sys.executable, "-s", "-S", "-c", _PRELUDE, config["program"]]
-            os.execve(sys.executable, argv, os.environ)
+            if config["sandbox"] == "bubblewrap":
+                argv = _bubblewrap_argv(config["bwrap"], [os.path.realpath(sys.executable), "-s", "-S", "-c", _PRELUDE,
+                                                          config["program"]], config["home"], [config["program"]])
+            else:
+                argv = [sys.executable, "-s", "-S", "-c", _PRELUDE, config["program"]]
+            os.execve(argv[0], argv, os.environ)
         except BaseException as e:
             _report(status_fd, setup_error=f"{type(e).__name__}: {e}")
         os._exit(127)
@@ -344,7 +463,10 @@ def _supervise(config):
     status = _wait_for(pid, deadline)
     timed_out = status is None
     status = _kill_descendants(pid, status)
-    _report(status_fd, returncode=os.waitstatus_to_exitcode(status), timeout=timed_out)
+    returncode = os.waitstatus_to_exitcode(status)
+    if config["sandbox"] == "bubblewrap" and returncode > 128:  # bwrap exits 128 + N when signal N killed the program
+        returncode = 128 - returncode
+    _report(status_fd, returncode=returncode, timeout=timed_out)
 
 
 def _report(status_fd, **status):
@@ -352,7 +474,8 @@ def _report(status_fd, **status):
 
 
 def _enter_sandbox(config, libc):
-    """In the forked child, before exec: process group, resource limits, and (as root) uid 65534."""
+    """In the forked child, before exec: process group, resource limits, and (as root, in the
+    basic sandbox) uid 65534; bubblewrap needs root to build the sandbox and drops it inside."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the mask survives exec; the program gets none
     os.setpgid(0, 0)  # one killpg then reaches the program and its ordinary children
     uid = SANDBOX_UID if os.geteuid() == 0 else os.getuid()
@@ -364,7 +487,7 @@ def _enter_sandbox(config, libc):
     resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_MB * 2**20, MAX_FILE_MB * 2**20))
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and config["sandbox"] == "basic":
         _drop_root(libc)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:  # setuid binaries (su, sudo) cannot raise it again
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import ArgumentParser, compute_cleanup, get_dist_info, print0
 from nanochat.engine import Engine
+from nanochat.execution import sandbox_kind
 from nanochat.report import get_report
 from nanochat.training import init_compute
 from tasks.common import HubUnavailableError
@@ -217,6 +218,11 @@ def main():
                                             step=args.step)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"chat_eval: {e}")
+    if "HumanEval" in task_names:  # say now, not an hour in, when model-written code runs unisolated
+        try:
+            print0(f"HumanEval runs model-written code in the {sandbox_kind()} sandbox (nanochat/execution.py)")
+        except RuntimeError as e:  # NANOCHAT_SANDBOX asks for what this machine cannot do
+            sys.exit(f"chat_eval: {e}")
     engine = Engine(model, tokenizer)
 
     # -------------------------------------------------------------------------
