@@ -239,11 +239,16 @@ def test_killed_run_resumes_bit_identical(tmp_path, recipe):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(meta)
+    # the last complete checkpoint (its meta file is written last): 4, or 8 if the kill came late
+    ckpt = os.path.join(killed, "base_checkpoints", "d2")
+    last = max(int(m.group(1)) for name in os.listdir(ckpt) if (m := re.fullmatch(r"meta_(\d{6})\.json", name)))
+    assert last < 12, "the run finished before the kill: nothing to resume"
     resumed = run_train(killed, *args, "--resume")
-    first_resumed = min(losses(resumed.stdout))
-    assert first_resumed <= 12
+    # a resume, not a restart: it loaded step `last`, and ran exactly the steps after it
+    assert f"resumed from {ckpt} step {last}\n" in resumed.stdout
     ref_loss, res_loss = losses(reference.stdout), losses(resumed.stdout)
-    for step in range(first_resumed, 13):
+    assert sorted(res_loss) == list(range(last + 1, 13)), sorted(res_loss)
+    for step in res_loss:
         assert res_loss[step] == ref_loss[step], (step, res_loss[step], ref_loss[step])
     a, b = load_model_state(straight, 12), load_model_state(killed, 12)
     assert a.keys() == b.keys()

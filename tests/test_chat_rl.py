@@ -177,7 +177,9 @@ def test_script_runs_the_offline_task_saves_and_resumes(rl_base):
     for path in checkpoint_files(base_dir, 4):  # as if killed after saving step 2
         os.remove(path)
     out = run("--resume")
-    assert "resumed from" in out and "step 00003/00004" in out and "step 00001/00004" not in out
+    # a resume, not a restart: it loaded step 2 and ran steps 3 and 4 only
+    assert f"resumed from {os.path.join(base_dir, 'chatrl_checkpoints', 'd1')} step 2\n" in out
+    assert re.findall(r"^step (\d{5})/00004 \| mean reward", out, re.MULTILINE) == ["00003", "00004"], out
     assert_same_weights(load_weights(base_dir, 4), final)
 
 
@@ -189,7 +191,7 @@ class ParityTask(Arithmetic):
         return float(completion.count("e") % 2)
 
 
-def test_resume_is_bit_identical_with_learning_signal(rl_base, tmp_path, monkeypatch):
+def test_resume_is_bit_identical_with_learning_signal(rl_base, tmp_path, monkeypatch, capsys):
     base_dir = str(tmp_path)
     shutil.copytree(os.path.join(rl_base[0], "tokenizer"), os.path.join(base_dir, "tokenizer"))
     shutil.copytree(os.path.join(rl_base[0], "chatsft_checkpoints"), os.path.join(base_dir, "chatsft_checkpoints"))
@@ -201,5 +203,9 @@ def test_resume_is_bit_identical_with_learning_signal(rl_base, tmp_path, monkeyp
     assert any(not torch.equal(initial[k], final[k]) for k in final)  # it learned something
     for path in checkpoint_files(base_dir, 4):
         os.remove(path)
+    capsys.readouterr()
     chat_rl.main(RL_FLAGS + ["--max-new-tokens=24", "--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed from {os.path.join(base_dir, 'chatrl_checkpoints', 'd1')} step 2\n" in out
+    assert re.findall(r"^step (\d{5})/00004 \| mean reward", out, re.MULTILINE) == ["00003", "00004"], out
     assert_same_weights(load_weights(base_dir, 4), final)

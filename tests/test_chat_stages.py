@@ -37,6 +37,14 @@ def drop_step(checkpoint_dir, step):
             os.remove(os.path.join(checkpoint_dir, name))
 
 
+def assert_resumed_at(stdout, checkpoint_dir, step, num_steps):
+    """A resume, not a restart: the run loaded checkpoint `step` and trained exactly the steps
+    after it (a deterministic restart from 0 would also end bit-identical)."""
+    assert f"resumed from {checkpoint_dir} step {step}\n" in stdout, stdout[-2000:]
+    trained = [int(v) for v in re.findall(rf"^step (\d{{5}})/{num_steps:05d} ", stdout, re.MULTILINE)]
+    assert trained == list(range(step + 1, num_steps + 1)), trained
+
+
 def assert_same_model(dir_a, dir_b, step):
     a = torch.load(os.path.join(dir_a, f"model_{step:06d}.pt"), weights_only=True)
     b = torch.load(os.path.join(dir_b, f"model_{step:06d}.pt"), weights_only=True)
@@ -72,7 +80,7 @@ def test_mid_train_learns_and_resumes_exactly(base_dir, tmp_path):
     shutil.copytree(ckpt, reference)
     drop_step(ckpt, 8)
     resumed = run(base_dir, "scripts.mid_train", *flags, "--resume")
-    assert "resumed from" in resumed.stdout
+    assert_resumed_at(resumed.stdout, ckpt, 4, 8)
     assert_same_model(reference, ckpt, 8)
     assert os.path.exists(os.path.join(base_dir, "report", "midtraining.md"))
 
@@ -112,7 +120,8 @@ def test_chat_sft_learns_and_resumes_exactly(base_dir, tmp_path):
     reference = str(tmp_path / "reference")
     shutil.copytree(ckpt, reference)
     drop_step(ckpt, 8)
-    run(base_dir, "scripts.chat_sft", *flags, "--resume")
+    resumed = run(base_dir, "scripts.chat_sft", *flags, "--resume")
+    assert_resumed_at(resumed.stdout, ckpt, 4, 8)
     assert_same_model(reference, ckpt, 8)
     assert os.path.exists(os.path.join(base_dir, "report", "chat-sft.md"))
 
