@@ -191,7 +191,9 @@ def main():
     clients = [int(c) for c in args.clients.split(",")]
     base_dir = args.base_dir or get_base_dir()
 
-    flags = ["--max-queue", "1024", "--queue-timeout", "3600"]
+    # every client of the load generator is one address (127.0.0.1): no per-client limit, so that
+    # the batch can fill with them as it would with as many people
+    flags = ["--max-queue", "1024", "--queue-timeout", "3600", "--max-slots-per-client", "0"]
     if args.device_type:
         flags += ["--device-type", args.device_type]
     configs = [("batch 1 (baseline)", ["--max-batch", "1"]),

@@ -21,8 +21,9 @@ Errors are in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 40
 limit (message length, context length, n != 1, role order), 401 wrong or missing API key (/v1
 routes, with --api-key), 404 unknown route or model, 413 body over --max-body-bytes, 422 a field
 of the wrong type or out of range, 429 the wait queue is full (--max-queue), 503 no worker came
-free within --queue-timeout (a request waits only when every slot of every replica is
-decoding). Sampling honours temperature, top_p (nucleus) and top_k (accepted as
+free within --queue-timeout (a request waits when every slot of every replica is decoding, or
+when its client already holds --max-slots-per-client slots: one client, by address, cannot take
+every slot while others wait). Sampling honours temperature, top_p (nucleus) and top_k (accepted as
 an extension field). A request without max_tokens gets --max-tokens cut to the room the prompt
 leaves in the model's context; a max_tokens that cannot fit is a 400 (context_length_exceeded), as
 at OpenAI. In /v1 content, tool calls appear as the
@@ -92,10 +93,15 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch", type=int, default=None, help="requests each replica decodes together (default: the "
                         "KV-cache slots that fit half the free GPU memory, at most 64; on CPU a quarter of free RAM, at most 16)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
+    parser.add_argument("--max-slots-per-client", type=int, default=None, help="slots one client address may decode in at "
+                        "once; its other requests wait in line, passed by other clients' (default: all slots but a quarter, "
+                        "at least one kept for others; 0: no limit; behind a proxy every user is one address)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     args = parser.parse_args(argv)
     if args.max_batch is not None and args.max_batch < 1:
         sys.exit(f"chat_web: --max-batch must be >= 1, got {args.max_batch}")
+    if args.max_slots_per_client is not None and args.max_slots_per_client < 0:
+        sys.exit(f"chat_web: --max-slots-per-client must be >= 0 (0: no limit), got {args.max_slots_per_client}")
     if not 0 <= args.temperature <= 2 or not 1 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
         sys.exit(f"chat_web: --temperature must be in 0..2, --top-k in 1..{MAX_TOP_K}, --max-tokens in 1..{MAX_NEW_TOKENS}")
     return args
@@ -228,58 +234,85 @@ def default_max_batch(model, device, dtype):
     return max(1, min(cap, budget // per_slot)), per_slot
 
 
+def default_max_slots_per_client(slots):
+    """All `slots` but a quarter (at least one) for other clients: 16 -> 12, 4 -> 3, 2 -> 1, 1 -> 1."""
+    return slots if slots == 1 else slots - max(1, slots // 4)
+
+
 class WorkerPool:
     """Hands out free slots of the workers (the least busy worker first), first come, first
-    served, and counts what they did (for /stats).
+    served among the clients (by address) under their limit, and counts what they did (for /stats).
 
-    A request that finds every slot taken waits in line (at most `max_queue` may wait, else 429)
-    for up to `queue_timeout` seconds (else 503). Methods run on the event loop's thread.
+    A request waits in line when every slot is taken, or when its client already holds
+    `max_slots_per_client` (0: no limit); a freed slot goes to the oldest waiter whose client is
+    under its limit, so one client's backlog cannot keep others out. At most `max_queue` may
+    wait (else 429), each for up to `queue_timeout` seconds (else 503). Methods run on the event
+    loop's thread.
     """
 
-    def __init__(self, workers, max_queue, queue_timeout):
+    def __init__(self, workers, max_queue, queue_timeout, max_slots_per_client=0):
         self.workers = workers
-        self.waiters = deque()  # futures of requests waiting in line, oldest first
+        self.waiters = deque()  # (future, client) of requests waiting in line, oldest first
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.max_slots_per_client = max_slots_per_client
+        self.held = {}  # client -> slots it decodes in now
         self.stats = {"requests_served": 0, "errors": 0}
         self.ttft = deque(maxlen=1000)  # seconds from arrival to the first token, the latest requests
 
-    def _take_slot(self):
+    def _under_limit(self, client):
+        return not self.max_slots_per_client or self.held.get(client, 0) < self.max_slots_per_client
+
+    def _take_slot(self, client):
         worker = min(self.workers, key=lambda w: (w.active / w.max_batch, w.index))
         if worker.active >= worker.max_batch:
             return None
         worker.active += 1
+        self.held[client] = self.held.get(client, 0) + 1
         return worker
 
-    async def acquire(self):
-        """Take a slot; returns its worker. Raises APIError 429 (line full) or 503 (waited queue_timeout s)."""
-        if not self.waiters and (worker := self._take_slot()):
+    async def acquire(self, client):
+        """Take a slot for `client` (its address); returns its worker. A free slot means nobody
+        in line may take it (see release), so a client under its limit takes it at once.
+
+        Raises:
+            APIError 429 (line full) or 503 (waited queue_timeout s).
+        """
+        if self._under_limit(client) and (worker := self._take_slot(client)):
             return worker
         slots = sum(w.max_batch for w in self.workers)
         if len(self.waiters) >= self.max_queue:
             raise APIError(429, f"the server is busy: all {slots} slot(s) decoding and {len(self.waiters)} requests "
                                 f"waiting (--max-queue {self.max_queue}); retry later", code="queue_full")
         handed = asyncio.get_running_loop().create_future()
-        self.waiters.append(handed)
+        self.waiters.append((handed, client))
         try:
             return await asyncio.wait_for(asyncio.shield(handed), self.queue_timeout)
         except BaseException as e:
             if handed.done() and not handed.cancelled():  # a slot arrived just as we gave up: pass it on
-                self.release(handed.result())
+                self.release(handed.result(), client)
             else:
                 handed.cancel()
-                self.waiters.remove(handed)
+                self.waiters.remove((handed, client))
             if isinstance(e, asyncio.TimeoutError):
-                raise APIError(503, f"no slot came free within {self.queue_timeout:g} s ({slots} slot(s) on "
-                                    f"{len(self.workers)} worker(s), all busy); retry later", code="queue_timeout") from None
+                if not self._under_limit(client):
+                    why = f"this client ({client}) decodes in {self.held[client]} slot(s) already, its limit (--max-slots-per-client)"
+                else:
+                    why = f"{slots} slot(s) on {len(self.workers)} worker(s), all busy"
+                raise APIError(503, f"no slot came free within {self.queue_timeout:g} s ({why}); retry later",
+                               code="queue_timeout") from None
             raise
 
-    def release(self, worker):
-        """Free one slot of `worker`, giving a slot to the oldest waiting request if there is one."""
+    def release(self, worker, client):
+        """Free `client`'s slot of `worker`; the oldest waiting request whose client is under its
+        limit gets a slot, if there is one."""
         worker.active -= 1
-        while self.waiters:
-            handed = self.waiters.popleft()
-            if not handed.done():
-                handed.set_result(self._take_slot())
+        self.held[client] -= 1
+        if not self.held[client]:
+            del self.held[client]
+        for i, (handed, waiter) in enumerate(self.waiters):
+            if not handed.done() and self._under_limit(waiter):
+                del self.waiters[i]
+                handed.set_result(self._take_slot(waiter))
                 return
 
 
@@ -293,9 +326,9 @@ class Generation:
 
     END = object()
 
-    def __init__(self, pool, worker, prompt, max_tokens, sampling_params, arrived=None):
+    def __init__(self, pool, worker, client, prompt, max_tokens, sampling_params, arrived=None):
         self.loop = asyncio.get_running_loop()
-        self.pool, self.worker = pool, worker
+        self.pool, self.worker, self.client = pool, worker, client
         self.prompt, self.max_tokens, self.sampling_params = prompt, max_tokens, sampling_params
         self.arrived = time.perf_counter() if arrived is None else arrived
         self.queue = asyncio.Queue()
@@ -311,7 +344,7 @@ class Generation:
             return
         self.queue.put_nowait(item)
         self.worker.requests_served += 1
-        self.pool.release(self.worker)
+        self.pool.release(self.worker, self.client)
 
     def cancel(self):
         self.stopped = True
@@ -471,6 +504,11 @@ def sampling(body, args):
             "seed": random.randrange(2**31) if body.seed is None else body.seed}
 
 
+def client_address(request):
+    """Who a request is from, for --max-slots-per-client: the peer's IP address."""
+    return request.client.host if request.client else "unknown"
+
+
 def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -544,12 +582,15 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
     """The FastAPI app serving `models` (replicas of one checkpoint, one per device) as `model_id`.
 
     args: parse_args()'s flags; the app reads --temperature, --top-k, --max-tokens, --api-key,
-    --queue-timeout, --max-queue and --max-body-bytes. Everything a request touches lives in here,
+    --queue-timeout, --max-queue, --max-slots-per-client and --max-body-bytes. Everything a request touches lives in here,
     so apps can be built side by side in one process (the tests drive them with TestClient).
     """
     max_batch = args.max_batch or default_max_batch(models[0], models[0].lm_head.weight.device, dtype)[0]
+    per_client = args.max_slots_per_client
+    if per_client is None:
+        per_client = default_max_slots_per_client(max_batch * len(models))
     pool = WorkerPool([Worker(i, model, tokenizer, dtype, max_batch) for i, model in enumerate(models)],
-                      args.max_queue, args.queue_timeout)
+                      args.max_queue, args.queue_timeout, per_client)
     sequence_len = models[0].config.sequence_len
     stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     loaded_at = int(time.time())
@@ -596,6 +637,8 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
             "slots": {"total": sum(w.max_batch for w in workers), "active": sum(w.active for w in workers)},
             "active_sequences": sum(w.active for w in workers),
             "waiting": len(pool.waiters),
+            "clients": len(pool.held),  # addresses decoding now
+            "max_slots_per_client": pool.max_slots_per_client,
             "requests_served": pool.stats["requests_served"],
             "tokens_generated": tokens,
             # while at least one request was decoding: the aggregate rate over every sequence in the batch
@@ -611,12 +654,13 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": loaded_at, "owned_by": "nanochat"}]}
 
     @app.post("/chat/completions")
-    async def ui_chat_completions(body: UIChatRequest):
+    async def ui_chat_completions(body: UIChatRequest, request: Request):
         arrived = time.perf_counter()
         tokens, max_tokens = render_prompt(body.messages, body.max_tokens, tokenizer, sequence_len, args.max_tokens)
         params = sampling(body, args)
-        worker = await pool.acquire()
-        generation = Generation(pool, worker, tokens, max_tokens, params, arrived)
+        client = client_address(request)
+        worker = await pool.acquire(client)
+        generation = Generation(pool, worker, client, tokens, max_tokens, params, arrived)
         pool.stats["requests_served"] += 1
 
         async def events():
@@ -652,8 +696,9 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
             raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", param="max_tokens")
         tokens, max_tokens = render_prompt(body.messages, body.max_completion_tokens or body.max_tokens, tokenizer, sequence_len, args.max_tokens)
         params = sampling(body, args)
-        worker = await pool.acquire()
-        generation = Generation(pool, worker, tokens, max_tokens, params, arrived)
+        client = client_address(request)
+        worker = await pool.acquire(client)
+        generation = Generation(pool, worker, client, tokens, max_tokens, params, arrived)
         pool.stats["requests_served"] += 1
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}

@@ -361,7 +361,7 @@ def test_generation_thread_makes_its_replica_s_gpu_current(load, monkeypatch, de
 
     async def generate():
         prompt = tokenizer.render_for_completion({"messages": USER})
-        generation = chat_web.Generation(pool, await pool.acquire(), prompt, 3, {"temperature": 0.0})
+        generation = chat_web.Generation(pool, await pool.acquire("test"), "test", prompt, 3, {"temperature": 0.0})
         return [t async for t in generation.tokens()]
 
     assert asyncio.run(generate())
@@ -477,3 +477,40 @@ def test_full_queue_gets_429_and_timeout_gets_503(start_server):
         time.sleep(0.1)
     assert openai_client(s.url).chat.completions.create(model="nanochat", messages=USER, max_tokens=2).usage.completion_tokens == 2
     s.stop()
+
+
+def test_one_client_cannot_take_every_slot(start_server):
+    """Two slots; by default one client address may decode in one of them. Its second request
+    waits although a slot is free, and another address (127.0.0.2, loopback too) passes it."""
+    s = start_server("--model-tag", "chatty", "--max-batch", "2", "--queue-timeout", "60")
+    stats = lambda: httpx.get(s.url + "/stats").json()  # noqa: E731
+    assert stats()["max_slots_per_client"] == 1
+    replies = {}
+
+    def post(name, client):
+        replies[name] = client.post(s.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=60)
+
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    long = {"messages": USER, "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=60) as busy:
+        lines = busy.iter_lines()  # kept referenced: a dropped iterator closes the connection
+        next(lines)  # 127.0.0.1 decodes in one slot
+        second = threading.Thread(target=post, args=("second", httpx.Client()))
+        second.start()
+        deadline = time.time() + 10
+        while stats()["waiting"] != 1:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        now = stats()
+        assert now["slots"] == {"total": 2, "active": 1} and now["clients"] == 1  # one slot free, yet it waits
+        post("other", other)  # another client takes the free slot at once
+        assert replies["other"].status_code == 200 and second.is_alive() and stats()["waiting"] == 1
+    second.join(timeout=60)  # the hung-up stream frees 127.0.0.1's slot: its waiting request runs
+    assert replies["second"].status_code == 200 and replies["second"].json()["usage"]["completion_tokens"] == 2
+    now = stats()
+    assert now["slots"]["active"] == 0 and now["waiting"] == 0 and now["clients"] == 0
+    s.stop()
+
+
+def test_default_slots_per_client_keep_a_quarter_for_others():
+    assert [chat_web.default_max_slots_per_client(n) for n in (1, 2, 3, 4, 16, 64)] == [1, 1, 2, 3, 12, 48]
