@@ -22,11 +22,12 @@ import json
 import os
 import random
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, fsync_dir, get_base_dir, get_dist_info, print0
+from nanochat.common import DiskFullError, atomic_write, format_bytes, fsync_dir, get_base_dir, get_dist_info, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -89,6 +90,9 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     Raises:
         ValueError: meta_data has no "model_config".
         TypeError: a meta_data value is not JSON-able.
+        DiskFullError: the disk filled up; this step's files are removed again and the message
+            says how much space a checkpoint needs. (Under torch.distributed the other ranks then
+            wait at the barrier until their timeout.)
     """
     meta_bytes = None
     if rank == 0:
@@ -102,13 +106,38 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             os.unlink(_meta_path(checkpoint_dir, step))
             fsync_dir(checkpoint_dir)
     _barrier()
-    if rank == 0:
-        atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
-    if optimizer_data is not None:
-        atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
-    _barrier()
-    if rank == 0:
-        atomic_write(_meta_path(checkpoint_dir, step), meta_bytes)
+    written = []  # this step's files, removed again if the disk fills before its meta marks it complete
+    try:
+        if rank == 0:
+            atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+            written.append(_model_path(checkpoint_dir, step))
+        if optimizer_data is not None:
+            atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+            written.append(_optim_path(checkpoint_dir, step, rank))
+        _barrier()
+        if rank == 0:
+            atomic_write(_meta_path(checkpoint_dir, step), meta_bytes)
+    except DiskFullError as e:
+        for path in written:
+            os.unlink(path)
+        needed = _state_bytes(model_data if rank == 0 else None) + _state_bytes(optimizer_data)
+        free = shutil.disk_usage(checkpoint_dir).free
+        raise DiskFullError(
+            f"the disk is full: checkpoint step {step} did not fit in {checkpoint_dir} (it takes about "
+            f"{format_bytes(needed)}, {format_bytes(free)} are free). The checkpoints before it are intact. Free at "
+            f"least {format_bytes(max(needed - free, 0) + 2**20)} there (older checkpoints, other runs' folders, "
+            f"--keep-checkpoints) and run the same command again: it resumes from the last checkpoint") from e
+
+
+def _state_bytes(state):
+    """Bytes of the tensors in a (nested) state dict, about what torch.save writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def list_steps(checkpoint_dir):

@@ -7,7 +7,9 @@ Not for: anything model- or stage-specific (that lives in its own module).
 """
 
 import argparse
+import errno
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -214,6 +216,36 @@ def init_wandb(run, project, config, rank=0):
                            "or pass --run dummy to train without wandb") from e
 
 
+class DiskFullError(OSError):
+    """A write failed for want of space (ENOSPC, or EDQUOT: over quota). str() is a message for
+    the user that names the directory and the space; the file being written was left as it was."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class _WriteRecorder:
+    """A binary file that remembers the OSError its write() raised: torch.save reports a failed
+    write as a RuntimeError without the errno, and atomic_write needs to know it was a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, data):
     """Write `path` so that a reader (or a crash) sees the old file or the complete new one, never half.
 
@@ -225,28 +257,53 @@ def atomic_write(path, data):
     nothing reads.
 
     Raises:
-        OSError: the directory cannot be created or written (disk full, permissions); `path` is
+        DiskFullError: the disk (or quota) ran out; the message names the directory, the bytes
+            written when it did and the space free. `path` is then unchanged.
+        OSError: the directory cannot be created or written (permissions, ...); `path` is
             then unchanged. Whatever the callable raises, likewise.
     """
     path = os.path.abspath(path)
     dir_path = os.path.dirname(path)
     os.makedirs(dir_path, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=dir_path, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    recorder = None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             if callable(data):
-                data(f)
+                recorder = _WriteRecorder(f)
+                data(recorder)
             else:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp_path) if os.path.exists(tmp_path) else 0
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
+        raise_if_disk_full(recorder.error if recorder is not None and recorder.error is not None else e, path, written)
         raise
     fsync_dir(dir_path)
+
+
+def raise_if_disk_full(error, path, written):
+    """Raise DiskFullError (from `error`) if `error` is an OSError for a full disk or quota that
+    struck while `written` bytes of `path` were written; else return."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(error, DiskFullError):
+        dir_path = os.path.dirname(path)
+        free = shutil.disk_usage(dir_path).free
+        raise DiskFullError(f"no space left on the disk of {dir_path} while writing {os.path.basename(path)} "
+                            f"({format_bytes(written)} written, {format_bytes(free)} free now); free some space there "
+                            "and run the same command again") from error
+
+
+def format_bytes(num_bytes):
+    """1536 -> '1.5 KiB', 3 * 2**30 -> '3.0 GiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
 
 
 def fsync_dir(dir_path):

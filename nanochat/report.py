@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from nanochat.common import (ArgumentParser, atomic_write, format_duration, get_base_dir, get_dist_info,
-                             gpu_memory_bytes)
+                             gpu_memory_bytes, raise_if_disk_full)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,10 +127,18 @@ class Report:
         Python floats: a CUDA tensor would be synced by .item()). A killed run can at most tear
         its last line, which read_metrics skips.
         E.g. log_metrics("base", 250, train_loss=3.1) and log_metrics("base", 250, val_bpb=1.02).
+
+        Raises:
+            DiskFullError: the disk is full (the message names the report directory).
         """
         line = json.dumps({"step": int(step), **{k: to_jsonable(v) for k, v in values.items()}})
-        with open(os.path.join(self.report_dir, f"metrics_{slugify(stage)}.jsonl"), "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        path = os.path.join(self.report_dir, f"metrics_{slugify(stage)}.jsonl")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise_if_disk_full(e, path, 0)
+            raise
 
     def reset(self, config=None):
         """Start a run: remove every section, metric log, plot and report.md, then write a

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import get_checkpoint_dir
-from nanochat.common import (autodetect_dtype, compute_init, format_duration, get_peak_flops, init_wandb,
-                             print0)
+from nanochat.common import (DiskFullError, autodetect_dtype, compute_init, format_duration, get_peak_flops,
+                             init_wandb, print0)
 from nanochat.report import get_report
 
 # stage -> wandb project of its runs
@@ -57,11 +57,28 @@ class Compute:
         return self.rank == 0
 
 
+def _exit_on_disk_full(excepthook):
+    """An excepthook that ends the stage with the message of a DiskFullError, wherever it was
+    raised (a checkpoint, the report, a log), instead of a traceback; others go to `excepthook`."""
+    script = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # base_train, as the other error messages say
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, DiskFullError):
+            print(f"{script}: {exc}", file=sys.stderr, flush=True)
+            return
+        excepthook(exc_type, exc, tb)
+    hook.exits_on_disk_full = True
+    return hook
+
+
 def init_compute(device_type=None):
-    """Initialise the process (common.compute_init: seeds, torchrun) and pick the precision.
+    """Initialise the process (common.compute_init: seeds, torchrun) and pick the precision; a
+    full disk from here on ends the process with a message, not a traceback (exit status 1).
 
     Returns a Compute. Raises ValueError for an unknown or unavailable device_type.
     """
+    if not getattr(sys.excepthook, "exits_on_disk_full", False):
+        sys.excepthook = _exit_on_disk_full(sys.excepthook)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     dtype = autodetect_dtype(device.type)
     autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
