@@ -60,6 +60,7 @@ def test_full_disk_at_a_checkpoint_stops_clearly_and_a_rerun_resumes(tmp_path, s
     proc = start(full, *train_args())
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
+    print(message)
     assert message.startswith(f"base_train: the disk is full: checkpoint step 8 did not fit in {checkpoint_dir} (it takes about ")
     assert "The checkpoints before it are intact" in message and "it resumes from the last checkpoint" in message
     # step 8's files were removed again, step 4 is complete and loads
