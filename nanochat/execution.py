@@ -27,12 +27,14 @@ What it protects against (code that a language model wrote by mistake or for a r
 - exhausting the machine: RLIMIT_AS (memory), RLIMIT_FSIZE (10 MB per file written),
   RLIMIT_NPROC (fork bombs: 64 tasks on top of what the program's uid already runs),
   RLIMIT_CORE 0, at most `max_output_bytes` kept per output stream, and [bwrap] a disk of
-  its own: the working directory and /tmp are tmpfs of TMPFS_MB each, gone when it exits;
+  its own: the working directory and /tmp are tmpfs of TMPFS_MB each, gone when it exits,
+  everything else read-only; a seccomp filter refuses it user namespaces of its own (where
+  it could mount a tmpfs of any size, which no rlimit counts);
 - leftovers: every process it started is killed and its working directory removed;
 - leaking our state: the program gets a fresh environment (no secrets from os.environ),
   no inherited file descriptors, stdin from /dev/null;
-- [bwrap] the network: its own network namespace has nothing but a loopback that is down,
-  so it reaches neither the internet nor servers on this machine's 127.0.0.1;
+- [bwrap] the network: its own network namespace has nothing but its own loopback, so it
+  reaches neither the internet nor servers on this machine's 127.0.0.1;
 - [bwrap] reading files: it sees /usr (and /bin, /lib... links into it), the interpreter's
   install prefix, a fresh /proc, a minimal /dev and its own tmpfs; not the home directory,
   the repo, $NANOCHAT_BASE_DIR, /etc, /root or other users' files;
@@ -44,8 +46,8 @@ What it protects against (code that a language model wrote by mistake or for a r
   CAP_DAC_READ_SEARCH, which Python needs to start: it can then read every file.
 
 What it does NOT protect against:
-- a determined attacker: there is no seccomp filter and no cgroup; a kernel exploit
-  escapes all of the above;
+- a determined attacker: the seccomp filter blocks only new user namespaces and there is no
+  cgroup; a kernel exploit escapes all of the above;
 - third-party packages: the program sees the standard library only (-s -S), which is all
   HumanEval and the calculator need;
 - [basic] the network, reading whatever its uid may read, and files left in world-writable
@@ -60,14 +62,17 @@ import ctypes
 import json
 import math
 import os
+import platform
 import re
 import resource
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -114,7 +119,12 @@ def _run():
     for name in [name for name in namespace if not name.startswith("__")]:
         del namespace[name]
     namespace["__file__"] = sys.argv[0]
-    exec(code, namespace)
+    try:
+        exec(code, namespace)
+    except SystemExit as e:  # bubblewrap reports death by signal N as status 128 + N: keep them apart
+        if isinstance(e.code, int) and e.code > 128:
+            raise SystemExit(1) from None
+        raise
 _run()
 """
 
@@ -131,6 +141,7 @@ class ExecutionResult:
 
 
 _sandbox_kind = None  # what sandbox_kind() decided for this process
+_sandbox_kind_lock = threading.Lock()  # HumanEval grades from several threads: probe and warn once
 
 
 def sandbox_kind():
@@ -143,6 +154,11 @@ def sandbox_kind():
         RuntimeError: NANOCHAT_SANDBOX=bubblewrap but bwrap cannot run here (the message says why),
             or NANOCHAT_SANDBOX holds something else.
     """
+    with _sandbox_kind_lock:
+        return _choose_sandbox()
+
+
+def _choose_sandbox():
     global _sandbox_kind
     if _sandbox_kind is not None:
         return _sandbox_kind
@@ -162,35 +178,77 @@ def sandbox_kind():
 
 
 def _bubblewrap_problem():
-    """None if bwrap can start an isolated interpreter here, else why not (one line)."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    """None if a program runs in the bubblewrap sandbox here exactly as execute_code runs it,
+    else why not (one line)."""
+    if shutil.which("bwrap") is None:
         return "bubblewrap (bwrap) is not installed"
     if os.geteuid() == 0 and shutil.which("setpriv", path="/usr/bin:/bin") is None:
         return "setpriv (util-linux) is not in /usr/bin, so the sandbox cannot drop root"
-    home = tempfile.mkdtemp(prefix="nanochat-probe-")
+    if _seccomp_filter() is None:
+        return f"no seccomp filter for this CPU ({platform.machine()}) to keep the program from making user namespaces"
+    workdir = tempfile.mkdtemp(prefix="nanochat-probe-")
     try:
-        argv = _bubblewrap_argv(bwrap, [os.path.realpath(sys.executable), "-s", "-S", "-c", "print('ok')"], home, [])
-        probe = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"bubblewrap could not start ({e})"
+        result = _run_supervised("print('ok')", workdir, 30.0, 256, 10_000, "bubblewrap")
     finally:
-        os.rmdir(home)
-    if probe.stdout != b"ok\n":
-        reason = probe.stderr.decode(errors="replace").strip().splitlines()
-        return f"bubblewrap could not start ({reason[-1] if reason else f'exit status {probe.returncode}'}; " \
-               "unprivileged user namespaces may be off: sysctl kernel.unprivileged_userns_clone)"
+        _remove_tree(workdir)
+    if result.stdout != "ok\n":
+        reason = (result.error or result.stderr.strip() or "no output").splitlines()[-1]
+        return f"bubblewrap could not start ({reason}; unprivileged user namespaces may be off: " \
+               "sysctl kernel.unprivileged_userns_clone)"
     return None
 
 
-def _bubblewrap_argv(bwrap, python_argv, home, read_only_files):
+# Syscall numbers (asm/unistd.h) and AUDIT_ARCH values (linux/audit.h) of the CPUs we run on.
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, {"unshare": 272, "clone": 56, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"unshare": 97, "clone": 220, "clone3": 435}),
+}
+_CLONE_NEWUSER = 0x10000000
+
+
+def _seccomp_filter():
+    """A classic-BPF seccomp program (bytes, for bwrap --seccomp) that refuses to make user
+    namespaces: unshare/clone with CLONE_NEWUSER get EPERM, clone3 ENOSYS (its flags live in
+    memory BPF cannot read; glibc then falls back to clone), syscalls of another ABI (i386 via
+    int 0x80, x32) EPERM; everything else is allowed. None on other CPUs.
+
+    Why: in its own user namespace a program is root there and may mount a tmpfs of any size,
+    which no rlimit counts. Layout: struct sock_filter {u16 code; u8 jt, jf; u32 k} (linux/filter.h),
+    over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]} (linux/seccomp.h).
+    """
+    if platform.machine() not in _SECCOMP_ARCHES:
+        return None
+    arch, nr = _SECCOMP_ARCHES[platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW, _ERRNO | errno
+    program = [
+        (ld, 0, 0, 4),                     # 0: A = arch
+        (jeq, 1, 0, arch),                 # 1: our ABI? -> 3
+        (ret, 0, 0, eperm),                # 2: another ABI: refused
+        (ld, 0, 0, 0),                     # 3: A = syscall number
+        (jge, 6, 0, 0x40000000),           # 4: x32 ABI bit -> 11
+        (jeq, 3, 0, nr["unshare"]),        # 5: -> 9
+        (jeq, 2, 0, nr["clone"]),          # 6: -> 9
+        (jeq, 4, 0, nr["clone3"]),         # 7: -> 12
+        (ret, 0, 0, allow),                # 8
+        (ld, 0, 0, 16),                    # 9: A = low 32 bits of args[0], the flags
+        (jset, 0, 2, _CLONE_NEWUSER),      # 10: CLONE_NEWUSER -> 11, else -> 13
+        (ret, 0, 0, eperm),                # 11
+        (ret, 0, 0, enosys),               # 12
+        (ret, 0, 0, allow),                # 13
+    ]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
+def _bubblewrap_argv(bwrap, python_argv, home, read_only_files, seccomp_fd):
     """The bwrap command line that runs python_argv (its interpreter a real path, not a venv
-    link) in new network/pid/ipc/uts namespaces, over a filesystem of read-only /usr, the
-    interpreter's prefix and read_only_files, with home (its cwd) and /tmp as private tmpfs.
-    As root, bwrap keeps just enough to let setpriv become uid 65534 with no capabilities."""
+    link) in new network/pid/ipc/uts namespaces, under the seccomp program in seccomp_fd, over a
+    filesystem of read-only /usr, /dev, the interpreter's prefix and read_only_files, with home
+    (its cwd) and /tmp as private tmpfs. As root, bwrap keeps just enough to let setpriv become
+    uid 65534 with no capabilities."""
     as_root = os.geteuid() == 0
     argv = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session"]
+            "--die-with-parent", "--new-session", "--seccomp", str(seccomp_fd)]
     if not as_root:  # root needs no user namespace to make the others, and must keep real uids to drop to 65534
         argv.append("--unshare-user")
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -206,12 +264,12 @@ def _bubblewrap_argv(bwrap, python_argv, home, read_only_files):
             argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", prefix, prefix]
     tmpfs_bytes = str(TMPFS_MB * 2**20)
-    argv += ["--proc", "/proc", "--dev", "/dev",
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",  # a writable /dev would be a tmpfs of no set size
              "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
              "--perms", "0777" if as_root else "0700", "--size", tmpfs_bytes, "--tmpfs", home, "--chdir", home]
     for path in read_only_files:  # after /tmp's tmpfs, which would hide them
         argv += ["--ro-bind", path, path]
-    argv += ["--remount-ro", "/"]  # the root bwrap built is a tmpfs too: no third, unbounded place to write
+    argv += ["--remount-ro", "/"]  # the root bwrap built is a tmpfs too: no other place to write
     if as_root:
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--",
                  "/usr/bin/setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
@@ -230,8 +288,10 @@ def execute_code(code, timeout=5.0, memory_limit_mb=256, max_output_bytes=1_000_
 
     Never raises for anything the program does (syntax errors, exceptions, sys.exit, timeouts,
     memory exhaustion, fork bombs, signals); see the module docstring for what is contained.
-    Raises ValueError for bad arguments, RuntimeError off Linux, OSError if the working
-    directory or the supervisor process cannot be created.
+    Exit statuses above 128 are reported as 1 (bubblewrap uses 128 + N for death by signal N).
+    Raises ValueError for bad arguments, RuntimeError off Linux or when NANOCHAT_SANDBOX asks for
+    what cannot run here (sandbox_kind), OSError if the working directory or the supervisor
+    process cannot be created.
     """
     if not isinstance(code, str):
         raise ValueError(f"code must be a str, got {type(code).__name__}")
@@ -327,6 +387,8 @@ def _run_supervised(code, workdir, timeout, memory_limit_mb, max_output_bytes, s
     if not (isinstance(status.get("returncode"), int) and isinstance(status.get("timeout"), bool)):
         return ExecutionResult(False, stdout, stderr, True, False, "sandbox supervisor did not finish and was killed", None)
     returncode = status["returncode"]
+    if sandbox == "bubblewrap" and returncode == 1 and stderr.startswith("bwrap: "):  # bwrap itself failed
+        return ExecutionResult(False, stdout, stderr, False, False, f"sandbox setup failed: {stderr.splitlines()[0]}", None)
     timed_out = status["timeout"] or returncode == -signal.SIGXCPU
     memory_exceeded = not timed_out and returncode != 0 and (
         returncode == -signal.SIGKILL or re.search(r"^MemoryError\b", stderr, re.MULTILINE) is not None
@@ -451,8 +513,12 @@ def _supervise(config):
         try:
             _enter_sandbox(config, libc)
             if config["sandbox"] == "bubblewrap":
+                seccomp_fd = os.memfd_create("nanochat-seccomp", 0)
+                os.set_inheritable(seccomp_fd, True)  # bwrap reads it after the exec
+                os.write(seccomp_fd, _seccomp_filter())
+                os.lseek(seccomp_fd, 0, os.SEEK_SET)
                 argv = _bubblewrap_argv(config["bwrap"], [os.path.realpath(sys.executable), "-s", "-S", "-c", _PRELUDE,
-                                                          config["program"]], config["home"], [config["program"]])
+                                                          config["program"]], config["home"], [config["program"]], seccomp_fd)
             else:
                 argv = [sys.executable, "-s", "-S", "-c", _PRELUDE, config["program"]]
             os.execve(argv[0], argv, os.environ)

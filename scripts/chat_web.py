@@ -95,7 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
     parser.add_argument("--max-slots-per-client", type=int, default=None, help="slots one client address may decode in at "
                         "once; its other requests wait in line, passed by other clients' (default: all slots but a quarter, "
-                        "at least one kept for others; 0: no limit; behind a proxy every user is one address)")
+                        "at least one kept for others; 0: no limit). The address is X-Forwarded-For's when the request "
+                        "comes from 127.0.0.1 (a proxy on this machine), else the peer's")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     args = parser.parse_args(argv)
     if args.max_batch is not None and args.max_batch < 1:
@@ -246,7 +247,8 @@ class WorkerPool:
     A request waits in line when every slot is taken, or when its client already holds
     `max_slots_per_client` (0: no limit); a freed slot goes to the oldest waiter whose client is
     under its limit, so one client's backlog cannot keep others out. At most `max_queue` may
-    wait (else 429), each for up to `queue_timeout` seconds (else 503). Methods run on the event
+    wait (else 429), with a limit on, at most half of them from one client (else 429), each for
+    up to `queue_timeout` seconds (else 503). Methods run on the event
     loop's thread.
     """
 
@@ -281,8 +283,12 @@ class WorkerPool:
             return worker
         slots = sum(w.max_batch for w in self.workers)
         if len(self.waiters) >= self.max_queue:
-            raise APIError(429, f"the server is busy: all {slots} slot(s) decoding and {len(self.waiters)} requests "
-                                f"waiting (--max-queue {self.max_queue}); retry later", code="queue_full")
+            raise APIError(429, f"the server is busy: {len(self.waiters)} requests waiting for its {slots} slot(s) "
+                                f"(--max-queue {self.max_queue}); retry later", code="queue_full")
+        own = sum(waiter == client for _, waiter in self.waiters)
+        if self.max_slots_per_client and own >= max(1, self.max_queue // 2):  # nor half the line
+            raise APIError(429, f"this client ({client}) has {own} request(s) waiting already, half the line "
+                                f"(--max-queue {self.max_queue}); retry later", code="queue_full")
         handed = asyncio.get_running_loop().create_future()
         self.waiters.append((handed, client))
         try:
@@ -505,7 +511,8 @@ def sampling(body, args):
 
 
 def client_address(request):
-    """Who a request is from, for --max-slots-per-client: the peer's IP address."""
+    """Who a request is from, for --max-slots-per-client: the peer's IP address, or the
+    X-Forwarded-For one that uvicorn takes from a proxy at 127.0.0.1 (its default forwarded_allow_ips)."""
     return request.client.host if request.client else "unknown"
 
 

@@ -481,8 +481,9 @@ def test_full_queue_gets_429_and_timeout_gets_503(start_server):
 
 def test_one_client_cannot_take_every_slot(start_server):
     """Two slots; by default one client address may decode in one of them. Its second request
-    waits although a slot is free, and another address (127.0.0.2, loopback too) passes it."""
-    s = start_server("--model-tag", "chatty", "--max-batch", "2", "--queue-timeout", "60")
+    waits although a slot is free, its third may not wait too (half the line of 2), and another
+    address (127.0.0.2, loopback too) passes them."""
+    s = start_server("--model-tag", "chatty", "--max-batch", "2", "--queue-timeout", "60", "--max-queue", "2")
     stats = lambda: httpx.get(s.url + "/stats").json()  # noqa: E731
     assert stats()["max_slots_per_client"] == 1
     replies = {}
@@ -503,6 +504,8 @@ def test_one_client_cannot_take_every_slot(start_server):
             time.sleep(0.05)
         now = stats()
         assert now["slots"] == {"total": 2, "active": 1} and now["clients"] == 1  # one slot free, yet it waits
+        error = assert_openai_error(httpx.post(s.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}), 429)
+        assert "(127.0.0.1) has 1 request(s) waiting already, half the line" in error["message"]  # nor half the line
         post("other", other)  # another client takes the free slot at once
         assert replies["other"].status_code == 200 and second.is_alive() and stats()["waiting"] == 1
     second.join(timeout=60)  # the hung-up stream frees 127.0.0.1's slot: its waiting request runs

@@ -466,3 +466,31 @@ def test_sandbox_kind_is_chosen_once_and_says_why(monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_SANDBOX", "docker")
     with pytest.raises(RuntimeError, match="use auto, bubblewrap or basic"):
         execution.sandbox_kind()
+
+
+@bubblewrap_only
+def test_escape_a_user_namespace_of_its_own_and_a_writable_dev():
+    # root in a user namespace of its own, a program could mount a tmpfs of any size (RAM that
+    # no rlimit counts); the seccomp filter refuses the namespace, and /dev is read-only
+    program = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x20000\n"
+        "print(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), ctypes.get_errno())\n"
+        "print(libc.syscall(56 if os.uname().machine == 'x86_64' else 220, CLONE_NEWUSER, 0, 0, 0, 0), ctypes.get_errno())\n"
+        "for path in ('/dev/shm/fill', '/dev/fill'):\n"
+        "    try:\n"
+        "        open(path, 'wb').write(b'x' * 2**20)\n"
+        "        print('wrote', path)\n"
+        "    except OSError as e:\n"
+        "        print('failed', type(e).__name__)\n"
+        "open('/dev/null', 'w').write('fine')\n"
+    )
+    result = execute_code(program, timeout=5.0)
+    assert result.success, result.stderr
+    assert result.stdout.splitlines() == ["-1 1", "-1 1", "failed OSError", "failed OSError"]  # EPERM, EPERM
+
+
+def test_exit_status_above_128_is_not_taken_for_a_signal():
+    result = execute_code("import sys; sys.exit(137)", timeout=2.0)  # 128 + SIGKILL, as bwrap reports a kill
+    assert result.returncode == 1 and not result.memory_exceeded and not result.timeout

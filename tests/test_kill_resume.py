@@ -1,9 +1,11 @@
 """kill -9 at any moment loses nothing beyond the last checkpoint: the four training stages (base,
 mid, SFT, RL) run as a pipeline at tiny shapes, once straight through and once SIGKILLed twice per
-stage, once while a checkpoint file is being written and once at a random moment, each time
-re-run the way the shell scripts do it (--resume when the stage has a complete checkpoint). After
-every kill no checkpoint file but a temporary one may be incomplete, and every stage must end
-with the same weights as the uninterrupted pipeline, bit for bit (CPU).
+stage, once the moment a checkpoint temp file is seen (a 0.5 ms poll; a write that ends between
+two polls is missed, so the test asserts that most were caught) and once at a random moment of
+the run (start-up included), each time re-run the way the shell scripts do it (--resume when the
+stage has a complete checkpoint). After every kill no checkpoint file but a temporary one may be
+incomplete, and every stage must end with the same weights as the uninterrupted pipeline, bit
+for bit (CPU).
 """
 
 import json
@@ -111,4 +113,4 @@ def test_sigkill_at_any_moment_of_any_stage_loses_nothing(tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), (module, key, kills)
     print("kills:", kills)
-    assert sum(moment == "writing" for _, moment in kills) >= 1, kills  # at least one landed mid-write
+    assert sum(moment == "writing" for _, moment in kills) >= len(STAGES) // 2, kills  # most landed mid-write
