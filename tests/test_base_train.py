@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.checkpoint_manager import find_last_step
 from nanochat.tokenizer import RustBPETokenizer
 from nanochat.run_shape import get_grad_accum_steps
 from nanochat.training import (LossLog, ProgressMeter, setup_stage, should_compile,
@@ -241,7 +242,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, recipe):
     assert os.path.exists(meta)
     # the last complete checkpoint (its meta file is written last): 4, or 8 if the kill came late
     ckpt = os.path.join(killed, "base_checkpoints", "d2")
-    last = max(int(m.group(1)) for name in os.listdir(ckpt) if (m := re.fullmatch(r"meta_(\d{6})\.json", name)))
+    last = find_last_step(ckpt)
     assert last < 12, "the run finished before the kill: nothing to resume"
     resumed = run_train(killed, *args, "--resume")
     # a resume, not a restart: it loaded step `last`, and ran exactly the steps after it

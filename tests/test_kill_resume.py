@@ -11,7 +11,6 @@ for bit (CPU).
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 import pytest
 import torch
 
+from nanochat.checkpoint_manager import list_steps
 from test_base_train import REPO, make_base_dir, run_env
 
 # each stage: module, flags, checkpoint folder (under the tag d2), final step
@@ -40,8 +40,7 @@ STAGES = [
 
 def stage_command(base_dir, module, flags, folder):
     """The stage as the shell scripts run it: --resume when it holds a complete checkpoint (common.sh resume_flag)."""
-    resume = any(re.fullmatch(r"meta_\d{6}\.json", name) for name in os.listdir(os.path.join(base_dir, folder, "d2"))) \
-        if os.path.isdir(os.path.join(base_dir, folder, "d2")) else False
+    resume = bool(list_steps(os.path.join(base_dir, folder, "d2")))
     return [sys.executable, "-m", module, *flags, *(["--resume"] if resume else [])]
 
 
