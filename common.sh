@@ -14,6 +14,10 @@ device_batch_size=""   # empty: the preset's, or what fits the GPU
 run=dummy
 data=auto
 nproc=1
+nnodes=1               # several machines (two DGX Sparks): torchrun across nodes, README "Two DGX Sparks"
+node_rank=0
+master_addr=""
+master_port=29500
 preset=gpu
 skip_rl=0
 only=""
@@ -33,6 +37,10 @@ parse_flags() {
             --run) run="${2:?--run needs a name}"; shift ;;
             --data) data="${2:?--data needs online or offline}"; shift ;;
             --nproc) nproc="${2:?--nproc needs a number}"; shift ;;
+            --nnodes) nnodes="${2:?--nnodes needs a number}"; shift ;;
+            --node-rank) node_rank="${2:?--node-rank needs a number}"; shift ;;
+            --master-addr) master_addr="${2:?--master-addr needs a host}"; shift ;;
+            --master-port) master_port="${2:?--master-port needs a number}"; shift ;;
             --tiny) preset=tiny ;;
             --smoke) preset=smoke ;;
             --skip-rl) skip_rl=1 ;;
@@ -49,6 +57,18 @@ parse_flags() {
     case "$only" in ""|data|tokenizer|pretrain|midtrain|sft|rl) ;;
         *) echo "--only must be one of data, tokenizer, pretrain, midtrain, sft, rl; not '$only'" >&2; exit 2 ;;
     esac
+    local n
+    for n in "$nproc" "$nnodes" "$node_rank" "$master_port"; do
+        case "$n" in ''|*[!0-9]*) echo "--nproc, --nnodes, --node-rank and --master-port take a number, not '$n'" >&2; exit 2 ;; esac
+    done
+    if [ "$nnodes" -gt 1 ] && [ -z "$master_addr" ]; then
+        echo "--nnodes $nnodes needs --master-addr: the address of node 0 that every node can reach (README \"Two DGX Sparks\")" >&2
+        exit 2
+    fi
+    if [ "$node_rank" -ge "$nnodes" ]; then
+        echo "--node-rank $node_rank must be below --nnodes $nnodes (node ranks count from 0)" >&2
+        exit 2
+    fi
 }
 
 # The environment every script needs: the repo root as working directory, the base dir, the GPU
@@ -70,7 +90,7 @@ enter_env() {
 # argument arrays (base_args, tok_args, loss_args, mid_args, sft_args, rl_args, eval_args).
 # The user's flags and extra arguments go in, so the shape is the one the stages then run.
 plan_args() {
-    plan=(--preset "$preset" --nproc "$nproc" --data "$data")
+    plan=(--preset "$preset" --nproc "$((nproc * nnodes))" --data "$data")
     [ -n "$depth" ] && plan+=(--depth "$depth")
     [ -n "$recipe" ] && plan+=(--recipe "$recipe")
     [ -n "$device_batch_size" ] && plan+=(--device-batch-size "$device_batch_size")
@@ -86,8 +106,13 @@ setup_env() {
     shape=$("$py" -m scripts.plan --shell "${plan[@]}") || exit 2
     eval "$shape"
     plan_args  # again, with the resolved shape and data mode (no second Hub probe)
-    if [ "$nproc" -gt 1 ]; then
-        launch=("$PWD/.venv/bin/torchrun" --standalone "--nproc_per_node=$nproc" -m)
+    if [ "$nnodes" -gt 1 ]; then
+        # static rendezvous at node 0 (its rank 0 hosts the store); every node runs the same command.
+        # `--` ends torchrun's options: it would take the stage's --run for an abbreviation of --run-path
+        launch=("$PWD/.venv/bin/torchrun" "--nnodes=$nnodes" "--node_rank=$node_rank" "--nproc_per_node=$nproc"
+                "--master_addr=$master_addr" "--master_port=$master_port" -m --)
+    elif [ "$nproc" -gt 1 ]; then
+        launch=("$PWD/.venv/bin/torchrun" --standalone "--nproc_per_node=$nproc" -m --)
     else
         launch=("$py" -m)
     fi

@@ -19,7 +19,12 @@ Usage: bash speedrun_dgx.sh [flags] [-- extra args for every training script]
   --run NAME              wandb run name (default: dummy = no wandb)
   --data online|offline   Hub datasets or data built on this machine (default: online if
                           huggingface.co answers, else offline)
-  --nproc N               processes (GPUs) for torchrun (default 1)
+  --nproc N               processes (GPUs) per node for torchrun (default 1)
+  --nnodes N              machines the training stages run across (default 1; README "Two DGX Sparks");
+                          run the same command on every node, each with its own --node-rank
+  --node-rank R           this machine's rank, 0 .. N-1 (default 0; node 0 hosts the rendezvous)
+  --master-addr HOST      address of node 0 that every node reaches (needed with --nnodes > 1)
+  --master-port P         TCP port on node 0 for the rendezvous (default 29500)
   --tiny                  CPU preset: offline corpus, vocab 8192, d4, seq 512, short stages (~15 min)
   --smoke                 shorter CPU preset used by CI (~5 min): d2, seq 256, a few steps per stage
                           (a preset fills defaults, your flags win: --tiny --depth 8 trains a d8)
@@ -47,7 +52,7 @@ log="$logs/speedrun_$(date +%Y%m%d_%H%M%S).log"
 exec > >(tee -a "$log") 2>&1
 
 # The plan (the same run_shape that base_train sizes itself with)
-echo "nanochat-spark speedrun | preset $preset | data $data | model $model_tag | seq $seq_len | device batch $device_batch_size | processes $nproc"
+echo "nanochat-spark speedrun | preset $preset | data $data | model $model_tag | seq $seq_len | device batch $device_batch_size | processes $nproc x $nnodes nodes (this is node $node_rank)"
 echo "base dir: $NANOCHAT_BASE_DIR | log: $log"
 "$py" -m scripts.plan "${plan[@]}"
 
@@ -68,7 +73,7 @@ fi
 # Report: a new run starts a new report card (a resumed run keeps it)
 if [ ! -f "$logs/report_reset.done" ]; then
     "$py" -m nanochat.report reset --config preset="$preset" depth="$depth" data="$data" \
-        device_batch_size="$device_batch_size" nproc="$nproc" vocab_size="$vocab_size" seq_len="$seq_len"
+        device_batch_size="$device_batch_size" nproc="$nproc" nnodes="$nnodes" vocab_size="$vocab_size" seq_len="$seq_len"
     touch "$logs/report_reset.done"
 fi
 

@@ -6,7 +6,10 @@ Batches of conversations for the chat stages, with assistant-only loss and exact
 - sft_batches (SFT): one conversation per row, padded to the longest row of the batch.
 
 In both, targets are -1 wherever the mask of render_conversation() is 0 (user turns, tool
-outputs, padding), so only assistant-produced tokens are trained on.
+outputs, padding), so only assistant-produced tokens are trained on. As in dataloader.py, there
+is one global order of rows: a batch is the next B * world_size rows and rank r keeps rows
+r*B ... r*B + B - 1, so any number of processes and accumulation steps trains on the same rows
+per optimizer step, and the resume state is the same on every rank.
 
 Not for: pretraining text (dataloader.py) or sampling prompts for RL (scripts/chat_rl.py).
 """
@@ -28,41 +31,46 @@ def _to_device(rows, device):
 def packed_conversation_loader(tokenizer, dataset, B, T, device, rank=0, world_size=1, loader_state=None):
     """Yield (inputs, targets, loader_state) forever from `dataset` packed into rows of T tokens.
 
-    Rank r renders conversations r, r + world_size, ... of `dataset` (any indexable of
-    conversation dicts, e.g. a TaskMixture), looping over epochs. inputs, targets: (B, T) int64;
-    targets[b, t] is the token after inputs[b, t], or -1 where that token is not produced by
-    the assistant. Consecutive windows overlap by one token (as in dataloader.py).
+    Conversations 0, 1, 2, ... of `dataset` (any indexable of conversation dicts, e.g. a
+    TaskMixture) are rendered one after another into one stream, looping over epochs; global row
+    i is stream tokens i*T ... i*T + T, and this rank gets rows rank*B ... rank*B + B - 1 of each
+    batch of B * world_size. inputs, targets: (B, T) int64; targets[b, t] is the token after
+    inputs[b, t], or -1 where that token is not produced by the assistant. Consecutive rows
+    overlap by one token (as in dataloader.py).
 
     loader_state = {"epoch", "index", "token_offset"}: the conversation holding the first token
-    of the next window and that token's index in its rendering. Rendering is deterministic, so a
+    of the next batch and that token's index in its rendering. Rendering is deterministic, so a
     loader started from a loader_state (None = the beginning) yields exactly what the original
-    would have yielded next.
+    would have yielded next, on any world size.
 
     Raises:
-        ValueError: `dataset` has fewer conversations than ranks.
+        ValueError: `dataset` is empty.
     """
     n = len(dataset)
-    if n <= rank:
-        raise ValueError(f"the conversation mixture has {n} conversations, too few for {world_size} processes")
-    state = {"epoch": 0, "index": rank, "token_offset": 0}
+    if n == 0:
+        raise ValueError("the conversation mixture is empty")
+    state = {"epoch": 0, "index": 0, "token_offset": 0}
     if loader_state is not None:
         state = {k: int(loader_state[k]) for k in state}
     epoch, index = state["epoch"], state["index"]
     pending = deque()  # [(epoch, index, ids, mask)] rendered conversations with unconsumed tokens
     head_offset = state["token_offset"]
     buffered = -head_offset
-    window = B * T + 1
+    rows = B * world_size  # global rows per batch
+    window = rows * T + 1
     while True:
         while buffered < window:  # render more conversations until a window fits
             ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
             pending.append((epoch, index, ids, mask))
             buffered += len(ids)
-            index += world_size
+            index += 1
             if index >= n:
-                epoch, index = epoch + 1, rank
+                epoch, index = epoch + 1, 0
         tokens, masks = [], []
-        head_offset = read_window(pending, head_offset, window, B * T, (tokens, masks), lambda conv: conv[2:])
-        buffered -= B * T
+        head_offset = read_window(pending, head_offset, window, rows * T, (tokens, masks), lambda conv: conv[2:])
+        buffered -= rows * T
+        mine = slice(rank * B * T, (rank + 1) * B * T + 1)  # this rank's rows, and the next row's first token
+        tokens, masks = tokens[mine], masks[mine]
         targets = [t if m else -1 for t, m in zip(tokens[1:], masks[1:])]
         inputs = _to_device([tokens[:-1]], device).view(B, T)  # (B, T)
         targets = _to_device([targets], device).view(B, T)  # (B, T)
@@ -91,17 +99,20 @@ def collate_conversations(tokenizer, conversations, max_tokens, device):
 def sft_batches(tokenizer, dataset, B, max_tokens, device, rank=0, world_size=1, loader_state=0):
     """Yield (inputs, targets, loader_state) forever: B conversations per batch, one per row.
 
-    The rank takes conversations rank, rank + world_size, ... of `dataset` (looping). The
-    loader_state is the number of conversations this rank has used: pass 0 for a new run, or
-    a yielded loader_state to resume right after that batch.
+    A batch takes the next B * world_size conversations of `dataset` (looping), and this rank
+    collates rows rank*B ... rank*B + B - 1 of them (collate_conversations). The loader_state
+    is the number of conversations all ranks have used: pass 0 for a new run, or a yielded
+    loader_state to resume right after that batch (on any world size).
+
+    Raises:
+        ValueError: `dataset` is empty.
     """
     n = len(dataset)
-    if n <= rank:
-        raise ValueError(f"the SFT mixture has {n} conversations, too few for {world_size} processes")
-    per_rank = len(range(rank, n, world_size))
+    if n == 0:
+        raise ValueError("the SFT mixture is empty")
     used = loader_state
     while True:
-        conversations = [dataset[rank + ((used + i) % per_rank) * world_size] for i in range(B)]
-        used += B
+        conversations = [dataset[(used + rank * B + i) % n] for i in range(B)]
+        used += B * world_size
         inputs, targets = collate_conversations(tokenizer, conversations, max_tokens, device)
         yield inputs, targets, used

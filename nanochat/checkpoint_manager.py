@@ -9,6 +9,8 @@ Layout (one directory per stage and model tag, under $NANOCHAT_BASE_DIR):
         optim_<step:06d>_rank<r>.pt    each rank's optimizer state
         meta_<step:06d>.json           model config, step, user config, val bpb, dataloader
                                        state, tokenizer hash, RNG states, ... (rank 0)
+Under several nodes each node's directory holds its own ranks' optimizer files, and the model
+and meta too (written by its first process) unless the nodes share the base directory.
 Every file is written to a temporary name in the same directory, fsynced and renamed, and
 the meta file is written last: a step counts as saved only once its meta file exists, so a
 crash mid-save leaves the previous step as the last complete checkpoint.
@@ -27,7 +29,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from nanochat.common import DiskFullError, atomic_write, format_bytes, fsync_dir, get_base_dir, get_dist_info, print0
+from nanochat.common import (DiskFullError, atomic_write, format_bytes, fsync_dir, get_base_dir, get_dist_info, print0,
+                             writes_checkpoint_files)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -69,8 +72,8 @@ def _encode_meta(meta_data):
     return json.dumps(meta_data, indent=2).encode("utf-8")
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Save one step: model state and meta from rank 0, optimizer state from every rank.
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, writer=None):
+    """Save one step: model state and meta from the writer(s), optimizer state from every rank.
 
     A collective under torch.distributed: every rank calls it (it barriers before the meta
     file, so the meta only appears once every rank's optimizer file is in place).
@@ -78,7 +81,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     Args:
         checkpoint_dir: e.g. $NANOCHAT_BASE_DIR/base_checkpoints/d20 (created if needed).
         step: int, the number of optimizer steps taken.
-        model_data: model.state_dict() (rank 0; ignored on other ranks).
+        model_data: model.state_dict() (used by writers only).
         optimizer_data: this rank's optimizer state (anything torch.load(weights_only=True)
             reads back: tensors, numbers, str, lists, dicts), or None to save none.
         meta_data: JSON-able dict; must hold "model_config" (GPTConfig fields, used by
@@ -86,6 +89,9 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             "tokenizer_hash" (checked by build_model), "rng_state" (capture_rng_state()).
             "step" is set to `step`.
         rank: this process's rank.
+        writer: whether this process writes the model and meta files; None: rank 0 does.
+            Under multi-node torchrun the first process of each node with a disk of its own
+            writes them too (common.writes_checkpoint_files), so every node has a full copy.
 
     Raises:
         ValueError: meta_data has no "model_config".
@@ -94,8 +100,9 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             says how much space a checkpoint needs. (Under torch.distributed the other ranks then
             wait at the barrier until their timeout.)
     """
+    writer = rank == 0 if writer is None else writer
     meta_bytes = None
-    if rank == 0:
+    if writer:
         if "model_config" not in meta_data:
             raise ValueError("meta_data needs a 'model_config' dict (the GPTConfig fields) so build_model can rebuild the model")
         meta_bytes = _encode_meta({**meta_data, "step": step})
@@ -108,19 +115,19 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     _barrier()
     written = []  # this step's files, removed again if the disk fills before its meta marks it complete
     try:
-        if rank == 0:
+        if writer:
             atomic_write(_model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
             written.append(_model_path(checkpoint_dir, step))
         if optimizer_data is not None:
             atomic_write(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
             written.append(_optim_path(checkpoint_dir, step, rank))
         _barrier()
-        if rank == 0:
+        if writer:
             atomic_write(_meta_path(checkpoint_dir, step), meta_bytes)
     except DiskFullError as e:
         for path in written:
             os.unlink(path)
-        needed = _state_bytes(model_data if rank == 0 else None) + _state_bytes(optimizer_data)
+        needed = _state_bytes(model_data if writer else None) + _state_bytes(optimizer_data)
         free = shutil.disk_usage(checkpoint_dir).free
         raise DiskFullError(
             f"the disk is full: checkpoint step {step} did not fit in {checkpoint_dir} (it takes about "
@@ -305,8 +312,8 @@ def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_st
 
     A collective under torch.distributed (every rank calls it): each rank's loader_state (its
     data position) is gathered into meta["dataloader_state"] (a list indexed by rank), each
-    rank saves its own optimizer shard, and rank 0 saves the model, the RNG states and the
-    meta. `model` is the uncompiled module (clean state_dict names); `meta` must hold
+    rank saves its own optimizer shard, and rank 0 (and under several nodes the first process
+    of every node, common.writes_checkpoint_files) saves the model, the RNG states and the meta. `model` is the uncompiled module (clean state_dict names); `meta` must hold
     "model_config" (save_checkpoint's contract).
     """
     ddp, rank, _, world_size = get_dist_info()
@@ -317,23 +324,33 @@ def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_st
         loader_states[0] = loader_state
     meta = {**meta, "dataloader_state": loader_states, "rng_state": capture_rng_state()}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=rank)
+                    rank=rank, writer=writes_checkpoint_files())
     print0(f"saved checkpoint {checkpoint_dir} step {step}")
 
 
 def load_training_state(checkpoint_dir, step, model, optimizers, device):
     """Restore model, optimizers and RNG from a save_training_state checkpoint, in place, and
-    print which one. step None = the last complete checkpoint in checkpoint_dir.
+    print which one. step None = the last complete checkpoint in checkpoint_dir; under torch.distributed
+    the last one complete on every node (a node killed while saving may lack the newest).
 
     Returns (step, meta, loader_state): loader_state is this rank's data position.
 
     Raises:
-        FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are).
+        FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are),
+            or no step that every node has.
         ValueError: the checkpoint was written by a different number of processes, or its
             model does not fit `model` (the message names both shapes).
     """
-    _, rank, _, world_size = get_dist_info()
-    if step is None:
+    ddp, rank, _, world_size = get_dist_info()
+    if step is None and ddp:
+        every_rank = [None] * world_size
+        dist.all_gather_object(every_rank, list_steps(checkpoint_dir))
+        common = set(every_rank[0]).intersection(*every_rank[1:])
+        if not common:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} that every node has (steps per rank: "
+                                    f"{every_rank}); start the stage without --resume")
+        step = max(common)
+    elif step is None:
         step = find_last_step(checkpoint_dir)
     model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     saved_world = len(meta["dataloader_state"])
@@ -397,7 +414,8 @@ def find_default_source():
 
 
 def prune_checkpoints(checkpoint_dir, keep):
-    """Delete all but the last `keep` complete checkpoints in `checkpoint_dir` (rank 0 only).
+    """Delete all but the last `keep` complete checkpoints in `checkpoint_dir` (the processes that
+    write checkpoints only: common.writes_checkpoint_files).
 
     Each old step is un-marked first (its meta file goes before its model and optimizer files),
     so a crash mid-prune never leaves a step that looks complete but is not. A d20 checkpoint

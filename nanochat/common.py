@@ -1,15 +1,19 @@
 """
 Small shared utilities: the base directory, rank-0 printing, device/dtype autodetection,
-torchrun (DDP) init/cleanup, the GPU peak-FLOPS table used for MFU, unified-memory detection,
+torchrun (DDP) init/cleanup (one node or several: timeouts, who writes checkpoints, the check that
+every rank has the same inputs), the GPU peak-FLOPS table used for MFU, unified-memory detection,
 the flag parser, atomic file writes, the duration formatter and the Hub reachability check.
 
 Not for: anything model- or stage-specific (that lives in its own module).
 """
 
 import argparse
+import datetime
 import errno
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -75,14 +79,26 @@ def autodetect_dtype(device_type):
     return torch.float32
 
 
+# How long a rank waits in a collective (all-reduce, barrier) for the others before it gives up
+# with an error: 10 minutes, NCCL's own default, and longer than anything one rank does alone
+# (sampling, a checkpoint write of a d32) while the others wait. Without it a node that vanishes
+# without closing its connections (power, cable, a hung GPU) leaves the others waiting for 30
+# minutes (gloo's default). NANOCHAT_DIST_TIMEOUT (seconds) overrides it; the tests use seconds.
+DIST_TIMEOUT_S = 600
+_writes_checkpoints = None  # set by compute_init under torchrun; see writes_checkpoint_files()
+
+
 def compute_init(device_type=None):
     """Initialise the process: seeds, precision flags, and torch.distributed under torchrun.
 
-    Uses nccl on CUDA and gloo on CPU. Returns (is_ddp, rank, local_rank, world_size, device).
+    Uses nccl on CUDA and gloo on CPU, with a timeout of DIST_TIMEOUT_S (NANOCHAT_DIST_TIMEOUT)
+    per collective. Under several nodes it also finds out whether $NANOCHAT_BASE_DIR is shared
+    between them (writes_checkpoint_files). Returns (is_ddp, rank, local_rank, world_size, device).
 
     Raises:
-        ValueError: an unknown or unavailable `device_type`.
+        ValueError: an unknown or unavailable `device_type`, or a bad NANOCHAT_DIST_TIMEOUT.
     """
+    global _writes_checkpoints
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"--device-type {device_type!r} is not one of cuda, mps, cpu")
@@ -96,17 +112,116 @@ def compute_init(device_type=None):
         torch.backends.cudnn.allow_tf32 = True
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if is_ddp:
+        timeout = datetime.timedelta(seconds=dist_timeout_s())
         if device_type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
             device = torch.device(device_type)
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=timeout)
         dist.barrier()
+        shared = _base_dir_is_shared()  # a collective: every rank asks
+        _writes_checkpoints = rank == 0 or (local_rank == 0 and not shared)
     else:
         device = torch.device(device_type)
     return is_ddp, rank, local_rank, world_size, device
+
+
+def dist_timeout_s():
+    """Seconds a collective waits for the other ranks: NANOCHAT_DIST_TIMEOUT, else DIST_TIMEOUT_S.
+
+    Raises ValueError when NANOCHAT_DIST_TIMEOUT is not a positive number."""
+    value = os.environ.get("NANOCHAT_DIST_TIMEOUT", "")
+    if not value:
+        return DIST_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ValueError(f"NANOCHAT_DIST_TIMEOUT={value!r} is not a positive number of seconds; unset it or fix it")
+    return seconds
+
+
+def _base_dir_is_shared():
+    """Under multi-node torchrun: does every node see the same $NANOCHAT_BASE_DIR (NFS, a cluster's
+    shared disk)? Rank 0 writes a file with a random name there and the first rank of every other
+    node looks for it. A collective: every rank calls it (compute_init does). One node: False."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if local_world == dist.get_world_size():
+        return False
+    names = [f".shared_check_{secrets.token_hex(8)}"]
+    dist.broadcast_object_list(names, src=0)
+    path = os.path.join(get_base_dir(), names[0])  # each node's own $NANOCHAT_BASE_DIR
+    if dist.get_rank() == 0:
+        open(path, "w").close()
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, get_dist_info()[2] == 0 and dist.get_rank() != 0 and os.path.exists(path))
+    if dist.get_rank() == 0:
+        os.unlink(path)
+    return any(seen)
+
+
+def writes_checkpoint_files():
+    """Whether this process writes the model and meta files of checkpoints (and prunes old ones).
+
+    Global rank 0 does; under multi-node torchrun so does the first process of every other node,
+    unless the nodes share $NANOCHAT_BASE_DIR: with a disk of its own, every node then keeps a
+    complete copy of every checkpoint (its ranks' optimizer shards, the model, the meta), so the
+    next stage and a resume read their files locally. Outside torchrun: True.
+    """
+    if _writes_checkpoints is None:
+        return get_dist_info()[1] == 0
+    return _writes_checkpoints
+
+
+def any_rank(flag):
+    """Whether `flag` (bool) is true on any rank: a collective under torch.distributed, else `flag`.
+
+    For decisions every rank must take together although each sees only its node's files, e.g.
+    --resume, which the shell passes when a node's checkpoint directory holds a checkpoint.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, bool(flag))
+    return any(everyone)
+
+
+class RankMismatchError(ValueError):
+    """The ranks of a run do not have the same inputs (data, tokenizer, checkpoint); str() says
+    which ranks and hosts differ and how to fix it."""
+
+
+def check_ranks_agree(fingerprints, fix):
+    """Stop a distributed run whose ranks would train on different inputs.
+
+    fingerprints: {name: str} of what must be the same on every rank (say the tokenizer's
+    content hash and the shard list's); fix: the sentence that tells the user how to make them
+    agree. A collective under torch.distributed (every rank calls it with the same names);
+    nothing happens outside it.
+
+    Raises:
+        RankMismatchError (on every rank): some rank's value differs from rank 0's; the message
+            lists each distinct value with the ranks and hosts that have it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), fingerprints))
+    problems = []
+    for name in fingerprints:
+        holders = {}
+        for rank, (host, values) in enumerate(everyone):
+            holders.setdefault(values.get(name), []).append(f"{rank} ({host})")
+        if len(holders) > 1:
+            problems.append(f"{name} differs: " + "; ".join(f"ranks {', '.join(ranks)} have {str(value)[:16]}"
+                                                             for value, ranks in holders.items()))
+    if problems:
+        raise RankMismatchError("the processes of this run do not have the same inputs: " + " | ".join(problems)
+                                + f". {fix}")
 
 
 def compute_cleanup():

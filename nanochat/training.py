@@ -9,6 +9,8 @@ Not for: the training loops themselves (each stage's script owns its recipe), ch
 and resume (checkpoint_manager.py), or a stage's wall time and energy (energy.StageClock).
 """
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -22,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import get_checkpoint_dir
-from nanochat.common import (DiskFullError, autodetect_dtype, compute_init, format_duration, get_peak_flops,
-                             init_wandb, print0)
+from nanochat.common import (DiskFullError, RankMismatchError, autodetect_dtype, check_ranks_agree, compute_init,
+                             dist_timeout_s, format_duration, get_peak_flops, init_wandb, print0)
 from nanochat.report import get_report
 
 # stage -> wandb project of its runs
@@ -57,28 +59,50 @@ class Compute:
         return self.rank == 0
 
 
-def _exit_on_disk_full(excepthook):
-    """An excepthook that ends the stage with the message of a DiskFullError, wherever it was
-    raised (a checkpoint, the report, a log), instead of a traceback; others go to `excepthook`."""
+def _lost_peer(exc):
+    """Whether `exc` is a collective that failed because another rank of the run went away or
+    stopped answering (gloo raises plain RuntimeErrors, NCCL DistBackendErrors)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
+def _exit_with_message(excepthook):
+    """An excepthook that ends the stage with a message instead of a traceback for what the user
+    must fix and no traceback explains: a full disk (DiskFullError, wherever it was raised: a
+    checkpoint, the report, a log), ranks with different inputs (RankMismatchError), a rank that
+    lost the other processes of a distributed run. Others go to `excepthook`."""
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # base_train, as the other error messages say
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, DiskFullError):
+        if issubclass(exc_type, (DiskFullError, RankMismatchError)):
             print(f"{script}: {exc}", file=sys.stderr, flush=True)
             return
+        if _lost_peer(exc):
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_type.__name__
+            print(f"{script}: rank {dist.get_rank()} lost contact with the other processes of this run ({first_line}). "
+                  "Another process or node died, was killed or stopped answering (its own log says why; one that "
+                  f"hangs is given up on after {dist_timeout_s():g} s, NANOCHAT_DIST_TIMEOUT). Start the same command "
+                  "again on every node: the stage resumes from its last checkpoint", file=sys.stderr, flush=True)
+            return
         excepthook(exc_type, exc, tb)
-    hook.exits_on_disk_full = True
+    hook.exits_with_message = True
     return hook
 
 
 def init_compute(device_type=None):
     """Initialise the process (common.compute_init: seeds, torchrun) and pick the precision; a
-    full disk from here on ends the process with a message, not a traceback (exit status 1).
+    full disk, ranks with different inputs or a lost rank end the process from here on with a
+    message, not a traceback (exit status 1).
 
     Returns a Compute. Raises ValueError for an unknown or unavailable device_type.
     """
-    if not getattr(sys.excepthook, "exits_on_disk_full", False):
-        sys.excepthook = _exit_on_disk_full(sys.excepthook)
+    if not getattr(sys.excepthook, "exits_with_message", False):
+        sys.excepthook = _exit_with_message(sys.excepthook)
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     dtype = autodetect_dtype(device.type)
     autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -86,6 +110,27 @@ def init_compute(device_type=None):
     peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return Compute(ddp, rank, local_rank, world_size, device, dtype, autocast_ctx, synchronize,
                    peak * world_size if peak else None)
+
+
+def check_chat_inputs_agree(tokenizer, datasets):
+    """Stop a chat stage (mid, SFT, RL) under torch.distributed whose ranks have another tokenizer
+    or other task data (say two nodes that built their offline data from other package versions).
+
+    datasets: {name: indexable of conversation dicts}; each is fingerprinted by its length and
+    a hash of 64 conversations spread over it. A collective; nothing happens in one process.
+
+    Raises:
+        RankMismatchError: what differs, on which ranks and hosts, and how to fix it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    fingerprints = {"tokenizer": tokenizer.content_hash()}
+    for name, dataset in datasets.items():
+        picks = sorted({i * len(dataset) // 64 for i in range(64)}) if len(dataset) else []
+        blob = json.dumps([len(dataset)] + [dataset[i] for i in picks], sort_keys=True, default=str)
+        fingerprints[name] = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    check_ranks_agree(fingerprints, "Give every node the same $NANOCHAT_BASE_DIR/tokenizer and task data (the same "
+                                    "--data; offline: copy the first node's base dir to the others), then start again")
 
 
 CPU_COMPILE_MIN_STEPS = 100  # on a CPU, compile only runs this long: compiling costs ~30-60 s on 2 cores
@@ -464,6 +509,13 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
         train_loss += loss.detach() / grad_accum_steps
         (loss / grad_accum_steps).backward()
     if grad_clip > 0:
+        if dist.is_available() and dist.is_initialized():
+            # clip by the norm of the gradient of the whole batch, not of this rank's share: average
+            # first (the optimizers then average equal gradients, a second reduction clipping pays)
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum, muon_weight_decay)
     for opt in optimizers:

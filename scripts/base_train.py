@@ -23,9 +23,11 @@ import torch
 
 from nanochat.checkpoint_manager import (capture_rng_state, find_last_step, list_steps, load_meta, load_training_state,
                                          prune_checkpoints, restore_rng_state, save_training_state)
-from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
+from nanochat.common import (ArgumentParser, any_rank, check_ranks_agree, compute_cleanup, format_duration, print0,
+                             writes_checkpoint_files)
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import bos_bestfit_data_loader, tokenizing_distributed_data_loader, without_state
+from nanochat.dataset import shards_fingerprint
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.fp8 import convert_blocks_to_fp8, fp8_unsupported_reason
@@ -108,6 +110,7 @@ try:
     stage = setup_stage("base", args.device_type, args.run, user_config, compile_flag=args.compile)
 except ValueError as e:
     sys.exit(f"base_train: {e}")
+args.resume = any_rank(args.resume)  # all ranks resume or none: the shell decides per node, from its own files
 device, world_size, autocast_ctx = stage.device, stage.world_size, stage.autocast_ctx
 if args.fp8 and (reason := fp8_unsupported_reason(device)):
     sys.exit(f"base_train: --fp8: {reason}")
@@ -119,6 +122,10 @@ except FileNotFoundError as e:
     sys.exit(f"base_train: {e}")
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
+# every node must train on the same tokens (a no-op in one process)
+check_ranks_agree({"tokenizer": tokenizer.content_hash(), "shards": shards_fingerprint()},
+                  "Give every node the same $NANOCHAT_BASE_DIR/tokenizer and base_data/ (copy them from the first "
+                  "node, e.g. rsync -a), then start every node again")
 
 # The run's shape: model size, batch, horizon, evaluation budget (exactly what scripts.plan printed)
 def plan_run(**recipe):
@@ -273,7 +280,7 @@ def save(step):
     }
     clock.update()
     save_training_state(checkpoint_dir, step, orig_model, optimizers, meta, train_batches.loader_state)
-    if stage.master_process and args.keep_checkpoints > 0:
+    if writes_checkpoint_files() and args.keep_checkpoints > 0:
         prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
 

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
-from nanochat.common import ArgumentParser, ProgressPrinter, compute_cleanup, format_duration, get_dist_info, print0
+from nanochat.common import (ArgumentParser, ProgressPrinter, any_rank, compute_cleanup, format_duration, get_dist_info,
+                             print0)
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
-from nanochat.training import ProgressMeter, get_lr_multiplier, set_lr_and_momentum, setup_stage, should_save
+from nanochat.training import (ProgressMeter, check_chat_inputs_agree, get_lr_multiplier, set_lr_and_momentum,
+                               setup_stage, should_save)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, rl_task
 
@@ -177,6 +179,8 @@ def main(argv=None):
                                                    step=args.model_step)
     except (ValueError, FileNotFoundError, HubUnavailableError) as e:
         sys.exit(f"chat_rl: {e}")
+    check_chat_inputs_agree(tokenizer, {"train problems": train_task, "val problems": val_task})
+    args.resume = any_rank(args.resume)  # all ranks resume or none: the shell decides per node, from its own files
     stage.model_tag = source_meta["model_tag"]  # RL checkpoints go under the tag of the model they start from
     device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
     checkpoint_dir = stage.checkpoint_dir

@@ -17,11 +17,11 @@ import torch
 
 from nanochat.chat_dataloader import sft_batches
 from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
-from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
+from nanochat.common import ArgumentParser, any_rank, compute_cleanup, format_duration, print0
 from nanochat.energy import StageClock
 from nanochat.engine import Engine
 from nanochat.run_shape import get_grad_accum_steps
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, setup_stage,
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, check_chat_inputs_agree, setup_stage,
                                should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import resolve_data_mode, sft_mixture
@@ -64,6 +64,7 @@ try:
                                                step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"chat_sft: {e}")
+args.resume = any_rank(args.resume)  # all ranks resume or none: the shell decides per node, from its own files
 stage.model_tag = source_meta["model_tag"]  # SFT checkpoints go under the tag of the model they start from
 device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
 checkpoint_dir = stage.checkpoint_dir
@@ -77,6 +78,7 @@ try:
     train_set, val_set = sft_mixture(data, "train"), sft_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
     sys.exit(f"chat_sft: {e}")
+check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set})
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
 else:
@@ -86,7 +88,7 @@ metric_tasks = ["MMLU", "ARC-Easy"] if data == "online" else ["DefinitionMC", "A
 # Optimizers, resume
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, lr_scale=args.init_lr_frac)
-start_step, loader_state = 0, 0  # loader_state: conversations this rank has used
+start_step, loader_state = 0, 0  # loader_state: conversations all ranks have used
 loop_state = {"min_val_loss": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
 if args.resume:
     try:

@@ -19,12 +19,12 @@ import torch
 
 from nanochat.chat_dataloader import packed_conversation_loader
 from nanochat.checkpoint_manager import load_model, load_training_state, save_training_state
-from nanochat.common import ArgumentParser, compute_cleanup, format_duration, print0
+from nanochat.common import ArgumentParser, any_rank, compute_cleanup, format_duration, print0
 from nanochat.energy import StageClock
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.run_shape import get_grad_accum_steps
-from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, get_lr_multiplier,
+from nanochat.training import (LossLog, PrefetchingLoader, ProgressMeter, check_chat_inputs_agree, get_lr_multiplier,
                                get_muon_momentum, setup_stage, should_save, train_step)
 from tasks.common import HubUnavailableError
 from tasks.mixtures import mid_mixture, resolve_data_mode
@@ -67,6 +67,7 @@ try:
                                              step=args.model_step)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"mid_train: {e}")
+args.resume = any_rank(args.resume)  # all ranks resume or none: the shell decides per node, from its own files
 stage.model_tag = base_meta["model_tag"]  # mid checkpoints go under the tag of the base model they start from
 device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx
 checkpoint_dir = stage.checkpoint_dir
@@ -90,6 +91,7 @@ try:
     train_set, val_set = mid_mixture(data, "train"), mid_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
     sys.exit(f"mid_train: {e}")
+check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set})
 
 # Horizon: one pass over the mixture, estimated from the mean rendered length of a sample
 if args.num_iterations > 0:

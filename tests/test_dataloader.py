@@ -46,12 +46,12 @@ def make_shards(base_dir, num_shards=3, row_groups=(4, 3, 2)):
     return shards
 
 
-def expected_stream(shards, rank=0, world_size=1, epochs=3):
-    """The token stream one rank should see: its row groups (rank, rank+W, ...) of each shard, in order."""
+def expected_stream(shards, epochs=3):
+    """The token stream every rank reads: every row group of each shard, in order."""
     stream = []
     for _ in range(epochs):
         for groups in shards:
-            for group in groups[rank::world_size]:
+            for group in groups:
                 for doc in group:
                     stream += [BOS] + list(doc.encode("utf-8"))
     return stream
@@ -69,6 +69,15 @@ def make_loader(B=2, T=5, split="train", **kwargs):
     kwargs.setdefault("world_size", 1)
     kwargs.setdefault("tokenizer_batch_size", 2)
     return tokenizing_distributed_data_loader(B, T, split, device="cpu", **kwargs)
+
+
+def make_bestfit(B=2, T=16, **kwargs):
+    kwargs.setdefault("tokenizer", ByteTokenizer())
+    kwargs.setdefault("rank", 0)
+    kwargs.setdefault("world_size", 1)
+    kwargs.setdefault("tokenizer_batch_size", 2)
+    kwargs.setdefault("pool_size", 4)
+    return bos_bestfit_data_loader(B, T, "train", device="cpu", **kwargs)
 
 
 def take(loader, n):
@@ -125,26 +134,53 @@ def test_state_is_json_able_ints(shards):
     assert all(type(v) is int for v in state.values())
 
 
-def test_ranks_read_disjoint_strided_row_groups(shards):
-    B, T = 2, 4
-    seen_docs = []
-    for rank in range(2):
-        stream = expected_stream(shards[:-1], rank=rank, world_size=2)
-        loader = make_loader(B, T, rank=rank, world_size=2)
-        for k, (inputs, _, state) in enumerate(take(loader, 15)):
-            assert inputs.flatten().tolist() == stream[k * B * T:(k + 1) * B * T]
-            assert state["row_group_index"] % 2 == rank
-        seen_docs.append({doc for groups in shards[:-1] for group in groups[rank::2] for doc in group})
-    assert not seen_docs[0] & seen_docs[1]
-    assert seen_docs[0] | seen_docs[1] == {doc for groups in shards[:-1] for group in groups for doc in group}
+def global_rows(make, B, world_size, n):
+    """n batches of `make` under world_size ranks, the ranks' (B, T) rows stacked rank after rank:
+    [(inputs (B*W, T), targets (B*W, T), [state of each rank])]."""
+    loaders = [make(B=B, rank=r, world_size=world_size) for r in range(world_size)]
+    out = []
+    for _ in range(n):
+        batches = [next(loader) for loader in loaders]
+        out.append((torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches]),
+                    [s for _, _, s in batches]))
+    return out
 
 
-def test_resume_state_of_another_rank_is_refused(shards):
-    _, _, state = next(make_loader(rank=1, world_size=2))
-    with pytest.raises(ValueError, match="rank 1 of 2"):
-        next(make_loader(rank=0, world_size=2, loader_state=state))
+@pytest.mark.parametrize("make", [make_loader, make_bestfit], ids=["stream", "bestfit"])
+def test_every_world_size_trains_on_the_same_rows_in_the_same_order(shards, make):
+    # one process with 4 rows per batch is the reference: 2 ranks x 2 rows and 4 ranks x 1 row must
+    # hold the same rows, rank r the r-th block, and report the same (global) state on every rank
+    reference = global_rows(make, 4, 1, 12)
+    for B, world_size in ((2, 2), (1, 4)):
+        for (x, y, states), (rx, ry, (rs,)) in zip(global_rows(make, B, world_size, 12), reference):
+            assert x.shape == (B * world_size, x.shape[1])
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+            assert all(s == rs for s in states)
+    # 1 process x 2 accumulation steps of 2 rows reads the same rows as 2 processes x 2 rows
+    loader = make(B=2)
+    for rx, ry, _ in reference[:6]:
+        (x1, y1, _), (x2, y2, _) = next(loader), next(loader)
+        assert torch.equal(torch.cat([x1, x2]), rx) and torch.equal(torch.cat([y1, y2]), ry)
+
+
+@pytest.mark.parametrize("make", [make_loader, make_bestfit], ids=["stream", "bestfit"])
+def test_a_run_resumes_on_another_world_size(shards, make):
+    reference = global_rows(make, 4, 1, 10)
+    state = json.loads(json.dumps(reference[3][2][0]))  # after 4 batches of one process (a checkpoint)
+    resumed = [make(B=2, rank=r, world_size=2, loader_state=dict(state)) for r in range(2)]
+    for rx, ry, (rs,) in reference[4:]:
+        (x0, y0, s0), (x1, y1, s1) = next(resumed[0]), next(resumed[1])
+        assert torch.equal(torch.cat([x0, x1]), rx) and torch.equal(torch.cat([y0, y1]), ry) and s0 == s1 == rs
+
+
+@pytest.mark.parametrize("make", [make_loader, make_bestfit], ids=["stream", "bestfit"])
+def test_a_resume_state_of_the_old_per_rank_loader_is_refused(shards, make):
+    _, _, state = next(make())
+    with pytest.raises(ValueError, match="rank 1's of 2 from an older version"):
+        next(make(loader_state={**state, "rank": 1, "world_size": 2}))
+    next(make(loader_state={**state, "rank": 0, "world_size": 1}))  # one process read the same order then
     with pytest.raises(ValueError, match="lacks"):
-        next(make_loader(loader_state={"shard_index": 0}))
+        next(make(loader_state={"shard_index": 0}))
 
 
 def test_resume_state_that_does_not_fit_the_data_is_refused(shards):
@@ -159,9 +195,13 @@ def test_resume_state_that_does_not_fit_the_data_is_refused(shards):
         next(make_loader(loader_state={**state, "shard_index": 7}))
 
 
-def test_more_ranks_than_row_groups_is_an_error(shards):
-    with pytest.raises(ValueError, match="rank 5 of 6 has no documents"):
-        next(make_loader(rank=5, world_size=6))
+def test_shards_without_documents_are_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    (tmp_path / "base_data").mkdir()
+    for shard in range(2):
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "base_data" / f"shard_{shard:05d}.parquet")
+    with pytest.raises(ValueError, match="hold no documents"):
+        next(make_loader())
 
 
 def test_no_shards_names_the_dataset_command(tmp_path, monkeypatch):
@@ -213,15 +253,6 @@ def test_cuda_batches_match_cpu_batches(shards):
 
 
 # ---- BOS-aligned best-fit packing ------------------------------------------------------------
-
-def make_bestfit(B=2, T=16, **kwargs):
-    kwargs.setdefault("tokenizer", ByteTokenizer())
-    kwargs.setdefault("rank", 0)
-    kwargs.setdefault("world_size", 1)
-    kwargs.setdefault("tokenizer_batch_size", 2)
-    kwargs.setdefault("pool_size", 4)
-    return bos_bestfit_data_loader(B, T, "train", device="cpu", **kwargs)
-
 
 def split_documents(row):
     """A row's tokens cut at every BOS: the documents (or crops) it holds."""
@@ -282,8 +313,6 @@ def test_bestfit_resumes_exactly_from_any_batch(shards):
 
 def test_bestfit_resume_state_from_elsewhere_is_refused(shards):
     state = take(make_bestfit(), 3)[-1][2]
-    with pytest.raises(ValueError, match="rank 0 of 1, but this is rank 1 of 2"):
-        next(make_bestfit(loader_state=state, rank=1, world_size=2))
     with pytest.raises(ValueError, match="lacks"):
         next(make_bestfit(loader_state={k: v for k, v in state.items() if k != "pool"}))
     with pytest.raises(ValueError, match="do not exist"):
