@@ -32,6 +32,7 @@ import torch.distributed as dist
 from nanochat.common import (DiskFullError, atomic_write, format_bytes, fsync_dir, get_base_dir, get_dist_info, print0,
                              writes_checkpoint_files)
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.muon import DistMuon, Muon
 from nanochat.tokenizer import get_tokenizer
 
 # stage -> (its checkpoints directory under $NANOCHAT_BASE_DIR, the script that writes it)
@@ -338,8 +339,11 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
     Raises:
         FileNotFoundError: no checkpoint there, or not that step (the message lists the steps there are),
             or no step that every node has.
-        ValueError: the checkpoint was written by a different number of processes, or its
-            model does not fit `model` (the message names both shapes).
+        ValueError: the checkpoint was written by another number of processes and some of their
+            optimizer files are missing here, or its model does not fit `model` (the message
+            names both shapes). Another number of processes is fine otherwise: the optimizer
+            states are resharded (reshard_optimizer_states) and the data loaders' states are
+            global (dataloader.py), so the run continues as it would have.
     """
     ddp, rank, _, world_size = get_dist_info()
     if step is None and ddp:
@@ -352,11 +356,21 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
         step = max(common)
     elif step is None:
         step = find_last_step(checkpoint_dir)
-    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    meta = load_meta(checkpoint_dir, step)
     saved_world = len(meta["dataloader_state"])
-    if saved_world != world_size:
-        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and this "
-                         f"run has {world_size}; resume with --nproc_per_node={saved_world}")
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=saved_world == world_size,
+                                                   rank=rank)
+    if saved_world != world_size:  # another number of processes or nodes: reshard the optimizer states
+        missing = [p for r in range(saved_world) if not os.path.exists(p := _optim_path(checkpoint_dir, step, r))]
+        if missing:
+            raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by {saved_world} processes and "
+                             f"this run has {world_size}, which needs every process's optimizer file, but "
+                             f"{', '.join(os.path.basename(p) for p in missing)} are not there; copy them from the node "
+                             "that wrote them (its same directory), or resume with the original number of processes")
+        saved = [torch.load(_optim_path(checkpoint_dir, step, r), map_location=device, weights_only=True)
+                 for r in range(saved_world)]
+        optim_data = reshard_optimizer_states(saved, optimizers, rank, world_size)
+        print0(f"resharded the optimizer states of {saved_world} processes for {world_size}")
     if GPTConfig(**meta["model_config"]) != model.config:  # a checkpoint from before GPTConfig.arch is "classic"
         raise ValueError(f"the checkpoint {checkpoint_dir} step {step} holds a {meta['model_config']} model, but this "
                          f"run builds {model.config.__dict__}; use the flags of the original run")
@@ -365,7 +379,60 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
         opt.load_state_dict(state)
     restore_rng_state(meta["rng_state"])
     print0(f"resumed from {checkpoint_dir} step {step}")
-    return step, meta, meta["dataloader_state"][rank]
+    return step, meta, meta["dataloader_state"][rank if saved_world == world_size else 0]
+
+
+def reshard_optimizer_states(saved, optimizers, rank, world_size):
+    """The optimizer state dicts that `rank` of `world_size` processes loads, made from those that
+    len(saved) processes saved, so a run resumes on another number of GPUs or nodes.
+
+    saved: per saved rank, the list of its optimizers' state_dict()s (what save_training_state
+    wrote to optim_<step>_rank<r>.pt), in the order of `optimizers` (gpt.setup_optimizers':
+    AdamW, Muon). The layouts (nanochat/adamw.py, nanochat/muon.py):
+      AdamW: one process keeps each tensor's exp_avg/exp_avg_sq whole (torch.optim.AdamW, step a
+        float tensor); DistAdamW rank r keeps rows [r*rows, (r+1)*rows), rows = ceil(d0 / W),
+        step an int. The rows are concatenated in rank order, then cut for the new world size.
+      Muon: per matrix, momentum_buffer and second_moment whole; DistMuon rank r keeps the
+        matrices [r*k, (r+1)*k) of each shape group (k = ceil(n / W)). Merged, then this rank's.
+    Hyperparameters (lr, betas, momentum, initial_lr, ...) are the saved ones; the rest of a
+    param group (say torch AdamW's fused flag) stays the live optimizer's.
+    Returns a list of state dicts for opt.load_state_dict.
+    """
+    resharded = []
+    for i, opt in enumerate(optimizers):
+        live = opt.state_dict()
+        params = [p for group in opt.param_groups for p in group["params"]]  # state_dict index -> parameter
+        merged = {}
+        if isinstance(opt, (Muon, DistMuon)):
+            for states in saved:
+                merged.update(states[i]["state"])
+            if world_size > 1:  # keep the matrices this rank owns
+                owned, index = set(), 0
+                for group in opt.param_groups:
+                    n = len(group["params"])
+                    k = -(-n // world_size)
+                    owned.update(range(index + rank * k, index + min((rank + 1) * k, n)))
+                    index += n
+                merged = {idx: state for idx, state in merged.items() if idx in owned}
+        else:
+            for idx, p in enumerate(params):
+                pieces = [states[i]["state"][idx] for states in saved if idx in states[i]["state"]]
+                if not pieces:
+                    continue
+                full = {key: torch.cat([piece[key] for piece in pieces]) if len(saved) > 1 else pieces[0][key]
+                        for key in ("exp_avg", "exp_avg_sq")}
+                step = int(float(pieces[0]["step"]))
+                if world_size == 1:
+                    merged[idx] = {"step": torch.tensor(float(step), dtype=torch.float32), **full}
+                else:
+                    rows = -(-p.size(0) // world_size)
+                    start = min(rank * rows, p.size(0))
+                    end = min(start + rows, p.size(0))
+                    merged[idx] = {"step": step, **{key: value[start:end].clone() for key, value in full.items()}}
+        groups = [{**live_group, **{k: v for k, v in saved_group.items() if k in live_group and k != "params"}}
+                  for live_group, saved_group in zip(live["param_groups"], saved[0][i]["param_groups"])]
+        resharded.append({"state": merged, "param_groups": groups})
+    return resharded
 
 
 def capture_rng_state():

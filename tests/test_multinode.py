@@ -60,47 +60,102 @@ def checkpoint_files(base_dir, tag="d2"):
     return sorted(os.listdir(os.path.join(base_dir, "base_checkpoints", tag)))
 
 
-def test_two_nodes_train_as_one_process_and_resume_from_their_own_disks(tmp_path):
-    one = make_base_dir(str(tmp_path / "one"))
-    nodes = [make_base_dir(str(tmp_path / f"node{r}")) for r in range(2)]
-    args = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": 4})
-    single = run_train(one, *args)  # 1 process x 2 micro-batches
-    (rc0, out0, err0), (rc1, out1, err1) = run_nodes(nodes, *args)  # 2 nodes x 1 process x 1 micro-batch
+ARGS = train_args(**{"num-iterations": 8, "eval-every": 4, "save-every": 4})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 8 steps as 1 process x 2 micro-batches and as 2 nodes x 1 process x 1 micro-batch:
+    {"one": base dir, "nodes": [base dir of node 0, of node 1], "single": stdout, "out0"/"out1": the nodes' stdout}."""
+    tmp = tmp_path_factory.mktemp("runs")
+    one = make_base_dir(str(tmp / "one"))
+    nodes = [make_base_dir(str(tmp / f"node{r}")) for r in range(2)]
+    single = run_train(one, *ARGS)
+    (rc0, out0, err0), (rc1, out1, err1) = run_nodes(nodes, *ARGS)
     assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    return {"one": one, "nodes": nodes, "single": single.stdout, "out0": out0, "out1": out1}
+
+
+def copy_dirs(runs, tmp_path, *names):
+    """Copies of the fixture's base dirs (the tests below change theirs)."""
+    paths = {"one": runs["one"], "node0": runs["nodes"][0], "node1": runs["nodes"][1]}
+    return [shutil.copytree(paths[name], str(tmp_path / name)) for name in names]
+
+
+def drop_step(base_dir, step, tag="d2"):
+    ckpt = os.path.join(base_dir, "base_checkpoints", tag)
+    for name in os.listdir(ckpt):
+        if name.startswith((f"meta_{step:06d}", f"model_{step:06d}", f"optim_{step:06d}")):
+            os.remove(os.path.join(ckpt, name))
+
+
+def assert_close_runs(got_stdout, want_stdout, steps):
+    got, want = losses(got_stdout), losses(want_stdout)
+    assert sorted(got) == steps, got
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), (step, got[step], want[step])
+
+
+def test_two_nodes_train_as_one_process_with_two_micro_batches(runs):
+    out0, out1 = runs["out0"], runs["out1"]
     assert "x 2 processes x 1 accumulation steps" in out0 and "step 00001" not in out1  # node 0 prints
-    l1, l2 = losses(single.stdout), losses(out0)
-    assert sorted(l1) == sorted(l2) == list(range(1, 9))
-    for step in l1:
-        assert l2[step] == pytest.approx(l1[step], abs=1e-4), (step, l1[step], l2[step])
-    b1, b2 = val_bpbs(single.stdout), val_bpbs(out0)
+    assert_close_runs(out0, runs["single"], list(range(1, 9)))
+    b1, b2 = val_bpbs(runs["single"]), val_bpbs(out0)
     assert b1.keys() == b2.keys() == {0, 4, 8}
     for step in b1:  # the same validation rows too
         assert b2[step] == pytest.approx(b1[step], abs=1e-4)
-    reference = load_model_state(one, 8)
-    for node in nodes:
+    reference = load_model_state(runs["one"], 8)
+    for node in runs["nodes"]:
         state = load_model_state(node, 8)
         for k in reference:
             torch.testing.assert_close(state[k], reference[k], atol=2e-4, rtol=1e-3)
     # every node has a complete checkpoint of its own: model, meta and its ranks' optimizer shards
-    for rank, node in enumerate(nodes):
+    for rank, node in enumerate(runs["nodes"]):
         assert checkpoint_files(node) == [f"{kind}_{step:06d}{suffix}" for kind, suffix in
                                           (("meta", ".json"), ("model", ".pt"), ("optim", f"_rank{rank}.pt"))
                                           for step in (4, 8)]
-    for k, v in load_model_state(nodes[0], 8).items():
-        assert torch.equal(v, load_model_state(nodes[1], 8)[k]), k
+    for k, v in load_model_state(runs["nodes"][0], 8).items():
+        assert torch.equal(v, load_model_state(runs["nodes"][1], 8)[k]), k
 
+
+def test_both_nodes_resume_from_the_last_step_every_node_has(runs, tmp_path):
     # node 1 was killed while writing step 8 (no meta there yet): both resume from step 4, the
     # last step every node has, and end bit-identical to the uninterrupted run
-    final = load_model_state(nodes[0], 8)
+    nodes = copy_dirs(runs, tmp_path, "node0", "node1")
     os.remove(os.path.join(nodes[1], "base_checkpoints", "d2", "meta_000008.json"))
-    (rc0, out0r, err0), (rc1, _, err1) = run_nodes(nodes, *args, "--resume")
+    (rc0, out0, err0), (rc1, _, err1) = run_nodes(nodes, *ARGS, "--resume")
     assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
-    assert "step 4" in out0r.split("resumed from", 1)[1].splitlines()[0]
-    l3 = losses(out0r)
+    assert "step 4" in out0.split("resumed from", 1)[1].splitlines()[0]
+    l2, l3 = losses(runs["out0"]), losses(out0)
     assert sorted(l3) == [5, 6, 7, 8] and all(l3[s] == l2[s] for s in l3), (l3, l2)
+    final = load_model_state(runs["nodes"][0], 8)
     for node in nodes:
         for k, v in load_model_state(node, 8).items():
             assert torch.equal(v, final[k]), k
+
+
+def test_a_run_moves_between_one_node_and_two(runs, tmp_path):
+    # two nodes -> one process: node 0's directory plus node 1's optimizer file (copied over, as the
+    # error message says when it is missing), resumed from step 4, continues as the two nodes did
+    (alone,) = copy_dirs(runs, tmp_path, "node0")
+    drop_step(alone, 8)
+    refused = run_train(alone, *ARGS, "--resume", check=False)
+    assert refused.returncode != 0 and "optim_000004_rank1.pt are not there; copy them" in refused.stderr
+    shutil.copy(os.path.join(runs["nodes"][1], "base_checkpoints", "d2", "optim_000004_rank1.pt"),
+                os.path.join(alone, "base_checkpoints", "d2"))
+    resumed = run_train(alone, *ARGS, "--resume")
+    assert "resharded the optimizer states of 2 processes for 1" in resumed.stdout
+    assert_close_runs(resumed.stdout, runs["out0"], [5, 6, 7, 8])
+    # one process -> two nodes: the single run's step 4 on both nodes' disks
+    nodes = [shutil.copytree(runs["one"], str(tmp_path / f"from_one{r}")) for r in range(2)]
+    for node in nodes:
+        drop_step(node, 8)
+    (rc0, out0, err0), (rc1, _, err1) = run_nodes(nodes, *ARGS, "--resume")
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert "resharded the optimizer states of 1 processes for 2" in out0
+    assert_close_runs(out0, runs["single"], [5, 6, 7, 8])
+    for k, v in load_model_state(runs["one"], 8).items():
+        torch.testing.assert_close(load_model_state(nodes[0], 8)[k], v, atol=2e-4, rtol=1e-3)
 
 
 def signal_node(node, sig):
@@ -139,6 +194,7 @@ def test_a_node_that_dies_or_hangs_stops_the_other_with_a_message(tmp_path, fail
                 signal_node(node, signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
+    print(f"node 0 exited {waited:.1f} s after node 1 was {failure}")  # for bench/RESULTS.md (pytest -s)
     assert rc != 0
     assert f"base_train: rank 0 {LOST}" in err, err[-3000:]
     assert "NANOCHAT_DIST_TIMEOUT" in err and "resumes from its last checkpoint" in err
