@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nanochat.chat_dataloader import packed_conversation_loader, sft_batches
+from test_dataloader import global_rows
 
 PAD = 300
 
@@ -37,30 +38,19 @@ def sft(B, rank=0, world_size=1, loader_state=0):
     return sft_batches(ChatTokenizer(), DATASET, B, 64, "cpu", rank, world_size, loader_state)
 
 
-def stacked(make, B, world_size, n, **kwargs):
-    """n batches under world_size ranks: [(inputs, targets) stacked rank after rank, [each rank's state]]."""
-    loaders = [make(B, rank, world_size, **kwargs) for rank in range(world_size)]
-    out = []
-    for _ in range(n):
-        batches = [next(loader) for loader in loaders]
-        out.append((torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches]),
-                    [s for _, _, s in batches]))
-    return out
-
-
 def test_packed_rows_are_the_same_on_every_world_size():
-    reference = stacked(packed, 4, 1, 15)  # past an epoch: 23 conversations, ~15 tokens each
+    reference = global_rows(packed, 4, 1, 15)  # past an epoch: 23 conversations, ~15 tokens each
     assert reference[-1][2][0]["epoch"] >= 1
     for B, world_size in ((2, 2), (1, 4)):
-        for (x, y, states), (rx, ry, (rs,)) in zip(stacked(packed, B, world_size, 15), reference):
+        for (x, y, states), (rx, ry, (rs,)) in zip(global_rows(packed, B, world_size, 15), reference):
             assert torch.equal(x, rx) and torch.equal(y, ry) and all(s == rs for s in states)
     assert (reference[0][1] == -1).any() and (reference[0][1] >= 0).any()  # user tokens masked, assistant kept
 
 
 def test_packed_resumes_on_another_world_size():
-    reference = stacked(packed, 4, 1, 12)
+    reference = global_rows(packed, 4, 1, 12)
     state = json.loads(json.dumps(reference[4][2][0]))
-    for (x, y, states), (rx, ry, (rs,)) in zip(stacked(packed, 2, 2, 7, loader_state=state), reference[5:]):
+    for (x, y, states), (rx, ry, (rs,)) in zip(global_rows(packed, 2, 2, 7, loader_state=state), reference[5:]):
         assert torch.equal(x, rx) and torch.equal(y, ry) and all(s == rs for s in states)
 
 

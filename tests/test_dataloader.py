@@ -134,10 +134,11 @@ def test_state_is_json_able_ints(shards):
     assert all(type(v) is int for v in state.values())
 
 
-def global_rows(make, B, world_size, n):
-    """n batches of `make` under world_size ranks, the ranks' (B, T) rows stacked rank after rank:
-    [(inputs (B*W, T), targets (B*W, T), [state of each rank])]."""
-    loaders = [make(B=B, rank=r, world_size=world_size) for r in range(world_size)]
+def global_rows(make, B, world_size, n, **kwargs):
+    """n batches of `make` (B=, rank=, world_size=, **kwargs) under world_size ranks, the ranks'
+    (B, T) rows stacked rank after rank: [(inputs (B*W, T), targets (B*W, T), [state of each rank])].
+    Also used by tests/test_chat_dataloader.py."""
+    loaders = [make(B=B, rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
     out = []
     for _ in range(n):
         batches = [next(loader) for loader in loaders]
