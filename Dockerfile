@@ -12,11 +12,13 @@ FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # What setup.sh needs to run (python3 to install uv from PyPI, a C compiler and curl for the Rust
-# toolchain below), then the packages of dev/apt_packages.txt (the chat tasks' files, bubblewrap for the
+# toolchain below), CUDA's ptxas (cuda-nvcc, from the NVIDIA repository the base image has
+# configured: the runtime image has none, and on a GB10 Triton's own ptxas may reject sm_121a;
+# dev/check_accelerator.py looks for /usr/local/cuda*/bin/ptxas), then the packages of dev/apt_packages.txt (the chat tasks' files, bubblewrap for the
 # code sandbox) and dev/offline_packages.txt (the offline corpus's texts), so setup.sh finds them
 COPY dev/apt_packages.txt dev/offline_packages.txt /tmp/packages/
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential ca-certificates curl \
+    && apt-get install -y --no-install-recommends build-essential ca-certificates cuda-nvcc-13-0 curl \
        python3 python3-dev python3-pip python3-venv \
     && grep -hv -e '^#' -e '^$' /tmp/packages/apt_packages.txt /tmp/packages/offline_packages.txt | cut -d' ' -f1 \
        | xargs apt-get install -y --no-install-recommends \
@@ -44,7 +46,7 @@ RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --pr
 # The checkout (.dockerignore keeps out .venv and build outputs), made ready by its own setup
 # script: the same steps a user runs outside the container. The GPU check it ends with sees no
 # GPU while the image builds; dev/docker_entrypoint.sh runs it again when a container starts
-COPY --chown=nanochat:nanochat . .
+COPY --chown=$UID:$GID . .
 RUN ./setup.sh
 
 VOLUME ["/data"]

@@ -29,8 +29,11 @@ Options:
   -h, --help     show this message
 
 Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat) on the host is the container's /data:
-data, tokenizer, checkpoints, logs and the report card stay on the host.
-Training runs with the host's network (--network host), which two nodes need for NCCL.
+data, tokenizer, checkpoints, logs and the report card stay on the host. NCCL_*, GLOO_SOCKET_IFNAME,
+TORCH_NCCL_*, NANOCHAT_DIST_TIMEOUT and WANDB_API_KEY pass into the container when set;
+NANOCHAT_DOCKER_ARGS adds options to docker run (e.g. "--name nanochat").
+Training runs with the host's network (--network host) and /dev/infiniband when the host has it,
+which two nodes need for NCCL over RoCE.
 USAGE
 }
 
@@ -70,6 +73,13 @@ run() {
 container=(docker run --rm --init "${gpus[@]}" --ipc=host --ulimit memlock=-1 --ulimit stack=67108864
            -v "$base_dir:/data")
 [ -t 0 ] && [ -t 1 ] && container+=(-it)
+# the settings of a multi-node run (README "Two DGX Sparks") pass through when set on the host
+while read -r name; do
+    container+=(-e "$name")
+done < <(compgen -e | grep -E '^(NCCL_|GLOO_SOCKET_IFNAME$|TORCH_NCCL_|NANOCHAT_DIST_TIMEOUT$|WANDB_API_KEY$)' || true)
+# and anything else for docker run, e.g. NANOCHAT_DOCKER_ARGS="--name nanochat"
+read -ra extra <<< "${NANOCHAT_DOCKER_ARGS:-}"
+container+=("${extra[@]}")
 
 case "$command" in
     build)
@@ -97,7 +107,9 @@ case "$command" in
                exit 2 ;;
         esac
         [ "$dry_run" = 1 ] || mkdir -p "$base_dir"
-        run "${container[@]}" --network host --no-healthcheck "$image" "${script[@]}" "$@"
+        rdma=()
+        [ -e /dev/infiniband ] && rdma=(--device /dev/infiniband)  # RoCE for NCCL between two Sparks
+        run "${container[@]}" --network host "${rdma[@]}" --no-healthcheck "$image" "${script[@]}" "$@"
         ;;
     chat)
         port=8000; publish=127.0.0.1

@@ -125,6 +125,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         _barrier()
         if writer:
             atomic_write(_meta_path(checkpoint_dir, step), meta_bytes)
+        _barrier()  # every node has this step before any prunes an older one (training.should_save callers)
     except DiskFullError as e:
         for path in written:
             os.unlink(path)
@@ -352,12 +353,18 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
         common = set(every_rank[0]).intersection(*every_rank[1:])
         if not common:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} that every node has (steps per rank: "
-                                    f"{every_rank}); start the stage without --resume")
+                                    f"{every_rank}); copy that directory from a node that has the last step to the "
+                                    "others (a run moving from one node to two needs it on both), or start the stage "
+                                    f"again after removing {checkpoint_dir}")
         step = max(common)
     elif step is None:
         step = find_last_step(checkpoint_dir)
     meta = load_meta(checkpoint_dir, step)
     saved_world = len(meta["dataloader_state"])
+    if any(state != meta["dataloader_state"][0] for state in meta["dataloader_state"]):
+        raise ValueError(f"the checkpoint {checkpoint_dir} step {step} was written by an older version that gave each "
+                         "process its own data order, which this one cannot continue exactly; finish the run with "
+                         "that version, or start the stage again")
     model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=saved_world == world_size,
                                                    rank=rank)
     if saved_world != world_size:  # another number of processes or nodes: reshard the optimizer states
@@ -496,9 +503,13 @@ def prune_checkpoints(checkpoint_dir, keep):
         raise ValueError(f"keep must be >= 1 (got {keep}): the last checkpoint is needed to resume")
     old = list_steps(checkpoint_dir)[:-keep]
     for step in old:
-        os.unlink(_meta_path(checkpoint_dir, step))
-        fsync_dir(checkpoint_dir)
-        for name in os.listdir(checkpoint_dir):
-            if name.startswith((f"model_{step:06d}", f"optim_{step:06d}_")):
-                os.unlink(os.path.join(checkpoint_dir, name))
+        for path in [_meta_path(checkpoint_dir, step)] + [
+                os.path.join(checkpoint_dir, name) for name in sorted(os.listdir(checkpoint_dir))
+                if name.startswith((f"model_{step:06d}", f"optim_{step:06d}_"))]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # another node pruning a directory they share
+                pass
+            if path.endswith(".json"):
+                fsync_dir(checkpoint_dir)
     return old

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -112,6 +113,10 @@ def compute_init(device_type=None):
         torch.backends.cudnn.allow_tf32 = True
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if is_ddp:
+        # a failed or timed-out NCCL collective raises in the thread that waits on it (CleanUpOnly)
+        # instead of NCCL's watchdog killing the process from its own thread (the default, 3), so
+        # the stage can say what happened (training.init_compute's excepthook)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         timeout = datetime.timedelta(seconds=dist_timeout_s())
         if device_type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -121,6 +126,12 @@ def compute_init(device_type=None):
             device = torch.device(device_type)
             dist.init_process_group(backend="gloo", timeout=timeout)
         dist.barrier()
+        # torchrun's rendezvous joins whatever the nodes launched at that address: two nodes that
+        # disagree about which stage is next (say a .done marker on one only) must stop, not mix
+        command = [os.path.basename(sys.argv[0])] + [arg for arg in sys.argv[1:] if arg != "--resume"]  # any_rank's
+        check_ranks_agree({"command": " ".join(command)},
+                          "Every node must run the same command: compare the nodes' $NANOCHAT_BASE_DIR/logs/*.done "
+                          "markers (a stage done on one node only) and --data")
         shared = _base_dir_is_shared()  # a collective: every rank asks
         _writes_checkpoints = rank == 0 or (local_rank == 0 and not shared)
     else:
@@ -217,7 +228,7 @@ def check_ranks_agree(fingerprints, fix):
         for rank, (host, values) in enumerate(everyone):
             holders.setdefault(values.get(name), []).append(f"{rank} ({host})")
         if len(holders) > 1:
-            problems.append(f"{name} differs: " + "; ".join(f"ranks {', '.join(ranks)} have {str(value)[:16]}"
+            problems.append(f"{name} differs: " + "; ".join(f"ranks {', '.join(ranks)} have {str(value)[:300]}"
                                                              for value, ranks in holders.items()))
     if problems:
         raise RankMismatchError("the processes of this run do not have the same inputs: " + " | ".join(problems)

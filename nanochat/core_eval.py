@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import atomic_write, get_base_dir, print0
+from nanochat.common import atomic_write, get_base_dir, print0, writes_checkpoint_files
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -147,7 +147,9 @@ def _download(url, path):
 
 
 def ensure_eval_bundle(device, bundle_dir=None):
-    """download_eval_bundle() on rank 0, the others wait for it; return the bundle dir.
+    """download_eval_bundle() on the process that writes this node's files (rank 0, and the first
+    process of every other node with a disk of its own: common.writes_checkpoint_files), the
+    others wait for it; return the bundle dir.
 
     A collective under torch.distributed: every rank calls it. `device` carries the success
     flag (nccl reduces only CUDA tensors), so when rank 0 fails every rank raises instead of
@@ -159,7 +161,7 @@ def ensure_eval_bundle(device, bundle_dir=None):
     bundle_dir = os.path.abspath(bundle_dir or get_eval_bundle_dir())
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     error = None
-    if not distributed or dist.get_rank() == 0:
+    if not distributed or writes_checkpoint_files():
         try:
             download_eval_bundle(bundle_dir)
         except EvalBundleError as e:
@@ -168,7 +170,7 @@ def ensure_eval_bundle(device, bundle_dir=None):
         failed = torch.tensor(float(error is not None), device=device)
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            raise EvalBundleError(f"rank 0 could not provide the CORE eval bundle in {bundle_dir}; see its message")
+            raise EvalBundleError(f"a node could not provide the CORE eval bundle in {bundle_dir}; see its message")
     if error is not None:
         raise error
     return bundle_dir

@@ -59,16 +59,19 @@ class Compute:
         return self.rank == 0
 
 
+# What a collective's error says when another rank went away (gloo: the socket; NCCL: its
+# watchdog's timeout or a remote error) or stopped answering (the timeout); other errors that
+# mention gloo or NCCL (a local CUDA error, a bug) keep their traceback
+LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Connection refused",
+                     "Timed out waiting", "timed out", "remote process exited", "network error")
+
+
 def _lost_peer(exc):
     """Whether `exc` is a collective that failed because another rank of the run went away or
     stopped answering (gloo raises plain RuntimeErrors, NCCL DistBackendErrors)."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+    return isinstance(exc, (RuntimeError, dist.DistError)) and any(marker in str(exc) for marker in LOST_PEER_MARKERS)
 
 
 def _exit_with_message(excepthook):
@@ -112,19 +115,22 @@ def init_compute(device_type=None):
                    peak * world_size if peak else None)
 
 
-def check_chat_inputs_agree(tokenizer, datasets):
-    """Stop a chat stage (mid, SFT, RL) under torch.distributed whose ranks have another tokenizer
-    or other task data (say two nodes that built their offline data from other package versions).
+def check_chat_inputs_agree(tokenizer, datasets, source_meta):
+    """Stop a chat stage (mid, SFT, RL) under torch.distributed whose ranks have another tokenizer,
+    other task data (say two nodes that built their offline data from other package versions) or
+    started from another checkpoint (each node loads the last one on its own disk).
 
     datasets: {name: indexable of conversation dicts}; each is fingerprinted by its length and
-    a hash of 64 conversations spread over it. A collective; nothing happens in one process.
+    a hash of 64 conversations spread over it. source_meta: the meta of the model the stage
+    starts from (load_model's). A collective; nothing happens in one process.
 
     Raises:
         RankMismatchError: what differs, on which ranks and hosts, and how to fix it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    fingerprints = {"tokenizer": tokenizer.content_hash()}
+    fingerprints = {"tokenizer": tokenizer.content_hash(),
+                    "start checkpoint": f"{source_meta.get('model_tag')} step {source_meta.get('step')}"}
     for name, dataset in datasets.items():
         picks = sorted({i * len(dataset) // 64 for i in range(64)}) if len(dataset) else []
         blob = json.dumps([len(dataset)] + [dataset[i] for i in picks], sort_keys=True, default=str)
@@ -511,11 +517,16 @@ def train_step(model, batches, optimizers, grad_accum_steps, autocast_ctx, lr_mu
     if grad_clip > 0:
         if dist.is_available() and dist.is_initialized():
             # clip by the norm of the gradient of the whole batch, not of this rank's share: average
-            # first (the optimizers then average equal gradients, a second reduction clipping pays)
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+            # first, in one all-reduce (the optimizers then average equal gradients again: clipping
+            # costs a second reduction)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     set_lr_and_momentum(optimizers, lr_multiplier, muon_momentum, muon_weight_decay)
     for opt in optimizers:

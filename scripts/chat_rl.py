@@ -179,7 +179,7 @@ def main(argv=None):
                                                    step=args.model_step)
     except (ValueError, FileNotFoundError, HubUnavailableError) as e:
         sys.exit(f"chat_rl: {e}")
-    check_chat_inputs_agree(tokenizer, {"train problems": train_task, "val problems": val_task})
+    check_chat_inputs_agree(tokenizer, {"train problems": train_task, "val problems": val_task}, source_meta)
     args.resume = any_rank(args.resume)  # all ranks resume or none: the shell decides per node, from its own files
     stage.model_tag = source_meta["model_tag"]  # RL checkpoints go under the tag of the model they start from
     device, rank, world_size, autocast_ctx = stage.device, stage.rank, stage.world_size, stage.autocast_ctx

@@ -78,7 +78,7 @@ try:
     train_set, val_set = sft_mixture(data, "train"), sft_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
     sys.exit(f"chat_sft: {e}")
-check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set})
+check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set}, source_meta)
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
 else:

@@ -91,7 +91,7 @@ try:
     train_set, val_set = mid_mixture(data, "train"), mid_mixture(data, "val")
 except (HubUnavailableError, FileNotFoundError, ValueError) as e:
     sys.exit(f"mid_train: {e}")
-check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set})
+check_chat_inputs_agree(tokenizer, {"train mixture": train_set, "val mixture": val_set}, base_meta)
 
 # Horizon: one pass over the mixture, estimated from the mean rendered length of a sample
 if args.num_iterations > 0:

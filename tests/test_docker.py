@@ -65,9 +65,10 @@ def test_the_rules_that_matter():
     assert copied and "dev/offline_packages.txt" in copied[0]
 
 
-def docker_sh(*args, base_dir="/tmp/nanochat-base"):
+def docker_sh(*args, base_dir="/tmp/nanochat-base", **env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "GLOO_", "TORCH_NCCL_", "NANOCHAT_"))}
     out = subprocess.run(["bash", "docker.sh", "--dry-run", *args], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "NANOCHAT_BASE_DIR": base_dir}, stdin=subprocess.DEVNULL, timeout=30)
+                         env={**clean, "NANOCHAT_BASE_DIR": base_dir, **env}, stdin=subprocess.DEVNULL, timeout=30)
     return out
 
 
@@ -88,6 +89,17 @@ def test_train_runs_the_stage_script_with_the_flags(stage, script):
     assert rest == ["--network", "host", "--no-healthcheck", "nanochat-spark", *script,
                     "--depth", "12", "--nnodes", "2", "--master-addr", "10.0.0.1"]
     assert os.path.isfile(os.path.join(REPO, script[1]))
+
+
+def test_the_multi_node_settings_and_extra_options_reach_the_container():
+    out = docker_sh("train", "all", NCCL_SOCKET_IFNAME="enp1s0f1np1", NCCL_IB_HCA="rocep1s0f1,roceP2p1s0f1",
+                    GLOO_SOCKET_IFNAME="enp1s0f1np1", NANOCHAT_DIST_TIMEOUT="900",
+                    NANOCHAT_DOCKER_ARGS="--name nanochat --cpus 8")
+    cmd = shlex.split(out.stdout)
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME", "NANOCHAT_DIST_TIMEOUT"):
+        assert cmd[cmd.index(name) - 1] == "-e", cmd  # passed by name: docker reads the value from the host
+    assert "--name nanochat --cpus 8 --network host" in " ".join(cmd)
+    assert ("--device" in cmd) == os.path.exists("/dev/infiniband")
 
 
 def test_chat_publishes_on_loopback_unless_public():

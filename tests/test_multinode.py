@@ -217,6 +217,19 @@ def test_nodes_with_other_data_or_tokenizers_refuse_to_start(tmp_path):
         assert "Traceback" not in err.split("do not have the same inputs")[0].rsplit("\n", 2)[-1]
 
 
+def test_nodes_running_different_commands_refuse_to_go_on(tmp_path):
+    # torchrun joins whatever two nodes start at one address: a stage done on one node only (its
+    # .done marker) must not pair base_eval with mid_train; here 4 steps with 5
+    nodes = [make_base_dir(str(tmp_path / f"node{r}")) for r in range(2)]
+    port = free_port()
+    procs = [start_node(node, rank, port, *train_args(**{"num-iterations": 4 + rank}), NANOCHAT_DIST_TIMEOUT="60")
+             for rank, node in enumerate(nodes)]
+    for rc, out, err in (finish(p) for p in procs):
+        assert rc != 0 and "step 00001" not in out
+        assert "command differs: ranks 0 (" in err and "--num-iterations=4" in err and "--num-iterations=5" in err
+        assert "logs/*.done" in err, err[-3000:]
+
+
 def test_pretrain_sh_launches_the_nodes(tmp_path):
     """The user's commands: pretrain.sh on each node with --nnodes 2 --node-rank R --master-addr."""
     nodes = [make_base_dir(str(tmp_path / f"node{r}")) for r in range(2)]
