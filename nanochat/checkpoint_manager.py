@@ -29,8 +29,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (DiskFullError, atomic_write, format_bytes, fsync_dir, get_base_dir, get_dist_info, print0,
-                             writes_checkpoint_files)
+from nanochat.common import (DiskFullError, atomic_write, format_bytes, fsync_dir, gather_from_ranks, get_base_dir,
+                             get_dist_info, print0, writes_checkpoint_files)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.muon import DistMuon, Muon
 from nanochat.tokenizer import get_tokenizer
@@ -315,15 +315,12 @@ def save_training_state(checkpoint_dir, step, model, optimizers, meta, loader_st
     A collective under torch.distributed (every rank calls it): each rank's loader_state (its
     data position) is gathered into meta["dataloader_state"] (a list indexed by rank), each
     rank saves its own optimizer shard, and rank 0 (and under several nodes the first process
-    of every node, common.writes_checkpoint_files) saves the model, the RNG states and the meta. `model` is the uncompiled module (clean state_dict names); `meta` must hold
-    "model_config" (save_checkpoint's contract).
+    of every node, common.writes_checkpoint_files) saves the model, the RNG states and the meta.
+    `model` is the uncompiled module (clean state_dict names); `meta` must hold "model_config"
+    (save_checkpoint's contract).
     """
-    ddp, rank, _, world_size = get_dist_info()
-    loader_states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(loader_states, loader_state)
-    else:
-        loader_states[0] = loader_state
+    rank = get_dist_info()[1]
+    loader_states = gather_from_ranks(loader_state)
     meta = {**meta, "dataloader_state": loader_states, "rng_state": capture_rng_state()}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
                     rank=rank, writer=writes_checkpoint_files())
@@ -348,8 +345,7 @@ def load_training_state(checkpoint_dir, step, model, optimizers, device):
     """
     ddp, rank, _, world_size = get_dist_info()
     if step is None and ddp:
-        every_rank = [None] * world_size
-        dist.all_gather_object(every_rank, list_steps(checkpoint_dir))
+        every_rank = gather_from_ranks(list_steps(checkpoint_dir))
         common = set(every_rank[0]).intersection(*every_rank[1:])
         if not common:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} that every node has (steps per rank: "

@@ -168,8 +168,7 @@ def _base_dir_is_shared():
     if dist.get_rank() == 0:
         open(path, "w").close()
     dist.barrier()
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, get_dist_info()[2] == 0 and dist.get_rank() != 0 and os.path.exists(path))
+    seen = gather_from_ranks(get_dist_info()[2] == 0 and dist.get_rank() != 0 and os.path.exists(path))
     if dist.get_rank() == 0:
         os.unlink(path)
     return any(seen)
@@ -188,17 +187,25 @@ def writes_checkpoint_files():
     return _writes_checkpoints
 
 
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...]: every rank's `obj` (anything picklable), on every rank.
+
+    A collective under torch.distributed (all_gather_object); outside it, [obj].
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def any_rank(flag):
     """Whether `flag` (bool) is true on any rank: a collective under torch.distributed, else `flag`.
 
     For decisions every rank must take together although each sees only its node's files, e.g.
     --resume, which the shell passes when a node's checkpoint directory holds a checkpoint.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, bool(flag))
-    return any(everyone)
+    return any(gather_from_ranks(bool(flag)))
 
 
 class RankMismatchError(ValueError):
@@ -220,8 +227,7 @@ def check_ranks_agree(fingerprints, fix):
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (socket.gethostname(), fingerprints))
+    everyone = gather_from_ranks((socket.gethostname(), fingerprints))
     problems = []
     for name in fingerprints:
         holders = {}

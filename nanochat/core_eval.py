@@ -152,7 +152,7 @@ def ensure_eval_bundle(device, bundle_dir=None):
     others wait for it; return the bundle dir.
 
     A collective under torch.distributed: every rank calls it. `device` carries the success
-    flag (nccl reduces only CUDA tensors), so when rank 0 fails every rank raises instead of
+    flag (nccl reduces only CUDA tensors), so when a download fails every rank raises instead of
     waiting forever.
 
     Raises:
