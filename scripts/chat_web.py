@@ -357,8 +357,14 @@ class Generation:
         if self.seq is not None:
             self.seq.cancel()
 
-    async def tokens(self):
-        """Yield the sampled token ids (a stop token, if sampled, is the last one).
+    async def token_runs(self):
+        """Yield the sampled token ids in runs: each run is every token that arrived since the
+        last one was taken (a list of at least one; a stop token, if sampled, ends the last run).
+
+        A client that keeps up gets one token per run. When the event loop falls behind the
+        worker (many streams on few cores), a run carries all the tokens that are ready, so each
+        stream sends one chunk per run instead of one per token: less work per token exactly
+        when there is too much of it.
 
         Raises:
             APIError 500: the model raised; the message names the exception.
@@ -366,16 +372,23 @@ class Generation:
         first = True
         try:
             while True:
-                item = await self.queue.get()
-                if item is self.END:
-                    return
-                if isinstance(item, Exception):
+                run = [await self.queue.get()]
+                while not self.queue.empty():
+                    run.append(self.queue.get_nowait())
+                error = next((item for item in run if isinstance(item, Exception)), None)
+                if error is not None:
                     self.pool.stats["errors"] += 1
-                    raise APIError(500, f"generation failed: {type(item).__name__}: {item}", code="generation_failed")
-                if first:
-                    self.pool.ttft.append(time.perf_counter() - self.arrived)
-                    first = False
-                yield item
+                    raise APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed")
+                ended = run[-1] is self.END
+                if ended:
+                    run.pop()
+                if run:
+                    if first:
+                        self.pool.ttft.append(time.perf_counter() - self.arrived)
+                        first = False
+                    yield run
+                if ended:
+                    return
         finally:
             self.cancel()
 
@@ -673,14 +686,17 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
         async def events():
             decoder, count, finish = TokenDecoder(tokenizer), 0, "length"
             try:
-                async for token in generation.tokens():
-                    count += 1
-                    if token in stop_tokens:
-                        finish = "stop"
+                async for run in generation.token_runs():
+                    for token in run:
+                        count += 1
+                        if token in stop_tokens:
+                            finish = "stop"
+                            break
+                        for kind, text in decoder.push(token):
+                            if kind != "special":
+                                yield sse({"token": text, "kind": kind})
+                    if finish == "stop":
                         break
-                    for kind, text in decoder.push(token):
-                        if kind != "special":
-                            yield sse({"token": text, "kind": kind})
                 for kind, text in decoder.flush():
                     yield sse({"token": text, "kind": kind})
                 yield sse({"done": True, "finish_reason": finish, "prompt_tokens": len(tokens), "completion_tokens": count})
@@ -714,13 +730,18 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
             """The reply's decoded text pieces as tokens are sampled, the decoder's flush last; counts
             usage["completion_tokens"] and sets finish[0] on a stop token."""
             decoder = TokenDecoder(tokenizer)
-            async for token in generation.tokens():
-                usage["completion_tokens"] += 1
-                if token in stop_tokens:
-                    finish[0] = "stop"
+            async for run in generation.token_runs():
+                texts = []
+                for token in run:
+                    usage["completion_tokens"] += 1
+                    if token in stop_tokens:
+                        finish[0] = "stop"
+                        break
+                    texts += [text for _, text in decoder.push(token)]
+                if texts:
+                    yield "".join(texts)
+                if finish[0] == "stop":
                     break
-                for _, text in decoder.push(token):
-                    yield text
             for _, text in decoder.flush():
                 yield text
 

@@ -189,6 +189,30 @@ def test_streaming_chunks(client, local):
     assert content == local[1].decode(generated[:-1] if stopped else generated)
 
 
+def test_tokens_that_arrive_together_go_out_in_one_chunk(client, local, monkeypatch):
+    """When the event loop falls behind the worker (here: every 4 steps' tokens are handed over
+    at once), each stream sends what is ready as one chunk: fewer chunks, the same text and usage."""
+    held = []
+
+    def deliver_every_4_steps(out):
+        held.append(out)
+        if len(held) == 4 or any(item is chat_web.Generation.END for _, item in out):
+            real_deliver([item for step in held for item in step])
+            held.clear()
+    real_deliver = chat_web.deliver
+    monkeypatch.setattr(chat_web, "deliver", deliver_every_4_steps)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    stream = in_process(client).chat.completions.create(model="nanochat", messages=messages, max_tokens=24, seed=7,
+                                                        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    prompt, generated = expected_reply(local, messages, 24, 7)
+    texts = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    stopped = is_stop(local, generated[-1])
+    assert "".join(texts) == local[1].decode(generated[:-1] if stopped else generated)
+    assert chunks[-1].usage.completion_tokens == len(generated)
+    assert len(texts) <= -(-len(generated) // 4)  # one chunk per hand-over, not one per token
+
+
 def test_stream_ends_with_done(client):
     r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5, "stream": True})
     lines = [line for line in r.text.splitlines() if line]
@@ -362,7 +386,7 @@ def test_generation_thread_makes_its_replica_s_gpu_current(load, monkeypatch, de
     async def generate():
         prompt = tokenizer.render_for_completion({"messages": USER})
         generation = chat_web.Generation(pool, await pool.acquire("test"), "test", prompt, 3, {"temperature": 0.0})
-        return [t async for t in generation.tokens()]
+        return [t async for run in generation.token_runs() for t in run]
 
     assert asyncio.run(generate())
     assert calls == ([(torch.device("cuda:1"), worker.thread)] if device == "cuda:1" else [])
