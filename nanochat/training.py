@@ -63,7 +63,8 @@ class Compute:
 # watchdog's timeout or a remote error) or stopped answering (the timeout); other errors that
 # mention gloo or NCCL (a local CUDA error, a bug) keep their traceback
 LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Connection refused",
-                     "Timed out waiting", "timed out", "remote process exited", "network error")
+                     "Timed out waiting", "timed out", "remote process exited", "network error",
+                     "Application timeout")  # gloo, when the timeout ends a pair mid-transfer
 
 
 def _lost_peer(exc):
