@@ -2,7 +2,9 @@
 Pretraining recipes side by side: final val bpb and tok/s of scripts.base_train runs on the same
 shards, tokenizer and validation tokens, one row per (depth, variant, seed), at equal FLOPs (the
 default), at a long horizon in steps (--steps), or at equal wall-clock minutes of training
-(--minutes: each variant first runs 10 steps to measure its step time, then the steps that fit).
+(--minutes: each variant first runs 10 steps to measure its step time and compile cost, twice
+when compiled so that the measured compile is the warm one the timed run pays; then the steps
+that fit).
 
 Baseline, measured in the same run: "nov2025", the recipe this project trained with until
 Dec 2026 (training.RECIPES). The other variants: that recipe plus one change (its flags below),
@@ -220,7 +222,10 @@ if __name__ == "__main__":
                                    args.timeout, args.batch, bestfit_eval, args.compile)
             if args.minutes:
                 if variant not in speeds:  # 10 steps: the median step, and what the first (compiling) ones cost on top
-                    probe = run(["--num-iterations", "10"], bestfit_eval=False)
+                    # compiled, twice: the first probe pays a cold compile (about 40 s at d4) and fills
+                    # inductor's cache, the second pays what the timed run will, a warm one
+                    for _ in range(2 if args.compile or variant == "upstream HEAD" else 1):
+                        probe = run(["--num-iterations", "10"], bestfit_eval=False)
                     step_s = probe["total_batch_size"] / probe["tok_s"]
                     speeds[variant] = step_s, max(0.0, probe["train_s"] - 10 * step_s)
                 step_s, overhead_s = speeds[variant]
