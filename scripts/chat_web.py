@@ -372,22 +372,20 @@ class Generation:
         first = True
         try:
             while True:
-                run = [await self.queue.get()]
+                items = [await self.queue.get()]
                 while not self.queue.empty():
-                    run.append(self.queue.get_nowait())
-                error = next((item for item in run if isinstance(item, Exception)), None)
-                if error is not None:
-                    self.pool.stats["errors"] += 1
-                    raise APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed")
-                ended = run[-1] is self.END
-                if ended:
-                    run.pop()
+                    items.append(self.queue.get_nowait())
+                run = [item for item in items if isinstance(item, int)]  # the end, if here, is the last item
                 if run:
                     if first:
                         self.pool.ttft.append(time.perf_counter() - self.arrived)
                         first = False
                     yield run
-                if ended:
+                if isinstance(items[-1], Exception):
+                    self.pool.stats["errors"] += 1
+                    error = items[-1]
+                    raise APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed")
+                if items[-1] is self.END:
                     return
         finally:
             self.cancel()

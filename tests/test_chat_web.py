@@ -213,6 +213,35 @@ def test_tokens_that_arrive_together_go_out_in_one_chunk(client, local, monkeypa
     assert len(texts) <= -(-len(generated) // 4)  # one chunk per hand-over, not one per token
 
 
+def test_a_model_error_ends_the_request_with_500_and_the_replica_serves_on(load):
+    """The model raises mid-reply (as a CUDA error would): the stream ends with an error in
+    OpenAI's shape and [DONE]; a non-streaming request gets a 500; the slot comes back and the
+    next request is answered."""
+    model, tokenizer = load("tiny")  # never samples a stop token
+    real_forward, calls = model.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (6, 8):  # a prefill and 4 decode steps go through, then the 6th call fails; later the 8th
+            raise RuntimeError("simulated device error")
+        return real_forward(*args, **kwargs)
+    model.forward = forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("NANOCHAT_API_KEY", raising=False)
+        args = chat_web.parse_args(["--device-type", "cpu", "--max-batch", "2"])
+    with TestClient(chat_web.create_app([model], tokenizer, "nanochat-sft-tiny-step0", args)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 20, "stream": True})
+        events = sse_events(r.text)
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant" and r.text.rstrip().endswith("data: [DONE]")
+        assert events[-1]["error"]["code"] == "generation_failed" and "simulated device error" in events[-1]["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 20})  # prefill = call 7, the 8th fails
+        assert assert_openai_error(r, 500)["code"] == "generation_failed"
+        r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        stats = c.get("/stats").json()
+        assert stats["errors"] == 2 and stats["slots"]["active"] == 0 and stats["workers"]["free"] == 1
+
+
 def test_stream_ends_with_done(client):
     r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5, "stream": True})
     lines = [line for line in r.text.splitlines() if line]
