@@ -57,8 +57,10 @@ VARIANTS = {
     "+schedule": NOV2025 + ["--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
     "+modern_arch": NOV2025 + ["--arch", "modern"],
     "+bestfit": NOV2025 + ["--packing", "bestfit"],
+    "+init": NOV2025 + ["--wte-init-std", "0.8", "--fc-init-scale", "0.4"],
     "dec2026": ["--recipe", "dec2026"],
     "dec2026+modern_arch": ["--recipe", "dec2026", "--arch", "modern"],
+    "dec2026+init": ["--recipe", "dec2026", "--wte-init-std", "0.8", "--fc-init-scale", "0.4"],
     "dec2026+schedule": ["--recipe", "dec2026", "--warmup-steps", "40", "--warmdown-ratio", "0.65", "--final-lr-frac", "0.05"],
     "jan2026": ["--recipe", "jan2026", "--total-batch-size", "-1"],  # its own batch (Power Lines), LR x batch
     "jan2026@batch": ["--recipe", "jan2026"],  # at the bench's batch (--batch), LR x sqrt(batch / 2^19): as upstream's row runs

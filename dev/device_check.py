@@ -11,6 +11,8 @@ decode against a full forward, chat_web answering the OpenAI client).
 Part 2 (the rest, cheapest first): the memory model's eager grid (d20, batch 4 to 32); decode
 tok/s, time to first token and memory-bandwidth use at batch 1, 8, 32 (d20); the SDPA backends;
 d12 and d26 throughput; bf16 vs fp8 (d20, d26); torch.compile's max-autotune against the default (d12).
+Part 3 (own call): serving (bench/serving.py, chat_web batch 1 vs continuous batching, 1 to 64 clients, d20),
+then the Engine's decode step eager vs compiled (CUDA graphs) at batch 1 and 8.
 
 Every item reports pass/fail with its error and is written as soon as it ends, and a time budget
 stops starting new items, so a call cut short still returns what it measured. --cpu runs the same
@@ -47,11 +49,11 @@ from nanochat.run_shape import PRESETS, predict_peak_memory, run_shape  # noqa: 
 # What each mode measures. GPU: upstream's shapes; CPU: the same code in seconds.
 SIZES = {
     "gpu": dict(preset="tiny", part1_depths=[20], part2_depths=[12, 26], seq=2048, vocab=65536, steps=8, warmup=3,
-                decode_depth=20, decode_batches=[1, 8, 32], decode_tokens=128, prompt_tokens=512,
+                decode_depth=20, decode_batches=[1, 8, 32], decode_tokens=128, prompt_tokens=512, compile_batches=[1, 8],
                 fp8_depths=[20, 26], memory_depth=20, memory_batches=[4, 8, 16, 32], autotune_depth=12,
                 sdpa_batch=16, serving_depth=20, serving_clients=[1, 8, 32, 64], serving_tokens=64),
     "cpu": dict(preset="smoke", part1_depths=[2], part2_depths=[4], seq=256, vocab=2048, steps=2, warmup=1,
-                decode_depth=2, decode_batches=[1, 4], decode_tokens=8, prompt_tokens=32,
+                decode_depth=2, decode_batches=[1, 4], decode_tokens=8, prompt_tokens=32, compile_batches=[1],
                 fp8_depths=[2], memory_depth=2, memory_batches=[2, 4], autotune_depth=None, sdpa_batch=2,
                 serving_depth=2, serving_clients=[1, 4], serving_tokens=8),
 }
@@ -68,7 +70,7 @@ class Report:
     def __init__(self, out_dir, part, mode, budget_s):
         self.out_dir, self.part, self.budget_s, self.t0 = out_dir, part, budget_s, time.time()
         self.data = {"part": part, "mode": mode, "machine": machine_info(), "checks": [], "train": [], "decode": [],
-                     "serving": [], "sdpa": [], "fp8": [], "memory": [], "settings": {}}
+                     "serving": [], "compiled_decode": [], "sdpa": [], "fp8": [], "memory": [], "settings": {}}
         os.makedirs(out_dir, exist_ok=True)
 
     def time_left(self):
@@ -351,6 +353,51 @@ def measure_decode(report, sizes):
     return {"detail": "; ".join(lines)}
 
 
+def measure_compiled_decode(report, sizes):
+    """The Engine's decode step eager vs through torch.compile (Engine(compile_decode=True): CUDA
+    graphs on CUDA), the way chat_web --compile serves: tok/s at each batch, the one-off compile
+    time, and whether greedy decoding gives the same tokens both ways."""
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    dt = device_type()
+    tokenizer = get_tokenizer()
+    depth = sizes["decode_depth"]
+    synchronize = torch.cuda.synchronize if dt == "cuda" else (lambda: None)
+    model = build_model(depth, tokenizer.get_vocab_size(), sizes["prompt_tokens"] + sizes["decode_tokens"], dt).eval()
+    if dt == "cuda":
+        model = model.to(torch.bfloat16)
+    prompt = torch.randint(0, 255, (sizes["prompt_tokens"],)).tolist()
+    lines = []
+    for batch in sizes["compile_batches"]:
+        row = {"depth": depth, "batch": batch}
+        tokens = {}
+        for mode in ("eager", "compiled"):
+            engine = Engine(model, tokenizer, compile_decode=mode == "compiled")
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                engine.generate_batch(prompt, batch, max_tokens=4, temperature=1.0)  # warm-up (compiles)
+                synchronize()
+                warm_s = time.perf_counter() - t0
+                if mode == "compiled" and engine.compiled_decode is None:
+                    raise RuntimeError("the compiled decode step failed and fell back to eager (its message is above)")
+                t0 = time.perf_counter()
+                results, _ = engine.generate_batch(prompt, batch, max_tokens=sizes["decode_tokens"], temperature=1.0)
+                synchronize()
+                seconds = time.perf_counter() - t0
+                greedy, _ = engine.generate_batch(prompt, 1, max_tokens=32, temperature=0.0)
+            row[f"{mode}_tok_s"] = round(sum(len(r) - len(prompt) for r in results) / seconds, 1)
+            tokens[mode] = greedy[0]
+            if mode == "compiled":
+                row["compile_s"] = round(warm_s, 1)
+        row["speedup"] = round(row["compiled_tok_s"] / row["eager_tok_s"], 2)
+        row["same_greedy_tokens"] = tokens["eager"] == tokens["compiled"]
+        report.data["compiled_decode"].append(row)
+        lines.append(f"b{batch}: {row['speedup']}x ({row['eager_tok_s']} -> {row['compiled_tok_s']} tok/s)")
+    del model
+    free_memory()
+    return {"detail": "; ".join(lines)}
+
+
 def measure_serving(report, sizes):
     """bench/serving.py on this device: chat_web decoding one request at a time (--max-batch 1)
     vs continuously batched, under 1..64 concurrent streaming OpenAI clients, random weights."""
@@ -505,6 +552,11 @@ def to_markdown(data):
                 "length; ratio: aggregate tok/s against --max-batch 1 at the same clients):\n\n",
                 table(data["serving"], ["server", "max_batch", "clients", "aggregate_tok_s", "ratio", "per_request_tok_s",
                                         "ttft_p50_s", "ttft_p95_s", "errors", "slots_free_after"])]
+    if data["compiled_decode"]:
+        out += ["Decode step eager vs compiled (Engine(compile_decode=True), CUDA graphs on CUDA; bf16 weights on CUDA; "
+                "sampling at temperature 1; same_greedy_tokens: 32 greedy tokens equal both ways):\n\n",
+                table(data["compiled_decode"], ["depth", "batch", "eager_tok_s", "compiled_tok_s", "speedup", "compile_s",
+                                                "same_greedy_tokens"])]
     if data["sdpa"]:
         out += ["SDPA backends (causal forward + backward):\n\n", table(data["sdpa"], ["backend", "shape", "ms", "error"])]
     if data["fp8"]:
@@ -547,6 +599,7 @@ def main(argv=None):
             run_stages(report, sizes, base_dir)
         elif part == "3":
             report.run(f"serving d{sizes['serving_depth']}", measure_serving, report, sizes)
+            report.run(f"compiled decode d{sizes['decode_depth']}", measure_compiled_decode, report, sizes)
         else:  # the cheap items first (no compilation), then by value
             report.run("memory model grid", measure_memory_grid, report, sizes)
             report.run(f"decode d{sizes['decode_depth']}", measure_decode, report, sizes)

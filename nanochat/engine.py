@@ -17,7 +17,9 @@ cache as a plain view, [0:B, :, 0:max length], with no gather and no paging tabl
 than the longest are masked. Pages (vLLM's PagedAttention) would use memory in proportion to the
 tokens actually cached rather than to the context, which matters when thousands of sequences
 share a GPU; with the tens that one desk GPU serves, slots cost little (a d20 slot of 2,048 bf16
-tokens is 200 MiB, see kv_cache_bytes) and keep the decode step simple enough for torch.compile.
+tokens is 200 MiB, see kv_cache_bytes) and keep the decode step simple enough for torch.compile
+(Engine(compile_decode=True) reads each slot's whole capacity under a mask, so the step's shapes
+depend only on the batch size; see FixedShapeDecode).
 
 Not for: training, the chat format (tokenizer.py renders conversations), scheduling requests
 from many clients (scripts/chat_web.py does that and drives step() from one thread per model),
@@ -136,6 +138,37 @@ class KVCache:
     def clear_slot(self, slot):
         """Mark slot `slot` empty (its old keys and values stay, masked, until overwritten)."""
         self.lengths[slot] = 0
+
+
+class FixedShapeDecode:
+    """KVCache's forward-pass interface (prepare, insert_kv) for one decode step in shapes that do
+    not change from step to step, so that torch.compile traces it once per batch size (and CUDA
+    graphs can replay it): every row attends over the slot's whole capacity, masked past its own
+    position, where KVCache.prepare cuts the keys at the longest row (a shape that grows by one
+    each step). Costs attention over the full capacity instead of the longest row; on a GPU that
+    is little next to the kernel launches it saves.
+
+    k, v: the cache's (num_layers, num_slots, H_kv, capacity, head_dim) storage, written in place.
+    positions: (B,) int64, row b's next position (its slot's length); row b is slot b.
+    Does not update KVCache.lengths (the caller does, after the step).
+    """
+
+    def __init__(self, k, v, positions):
+        self.k, self.v, self.positions = k, v, positions
+
+    def prepare(self, B, T, device):
+        assert T == 1 and B == self.positions.size(0), (B, T, self.positions.shape)
+        capacity = self.k.size(3)
+        self.t_key, self.is_causal = capacity, False
+        self.attn_mask = torch.arange(capacity, device=device)[None, None, None, :] <= self.positions[:, None, None, None]
+        self.rows = torch.arange(B, device=device)
+        return self.positions[:, None]  # (B, 1)
+
+    def insert_kv(self, layer_idx, k, v):
+        B = k.size(0)
+        self.k[layer_idx, self.rows, :, self.positions] = k[:, :, 0]  # (B, H_kv, head_dim) at (slot b, position b)
+        self.v[layer_idx, self.rows, :, self.positions] = v[:, :, 0]
+        return self.k[layer_idx, :B], self.v[layer_idx, :B]
 
 
 def kv_cache_bytes(config, num_slots, dtype, capacity=None):
@@ -330,12 +363,26 @@ class Engine:
     generate() / generate_batch() / generate_many() drive step() themselves for callers with a
     fixed set of prompts (chat_eval, chat_rl, chat_cli); they must not share an Engine with a
     thread that calls step(). max_batch bounds the running sequences (None: no bound).
+    compile_decode: run the decode step through torch.compile (mode "reduce-overhead", i.e. CUDA
+    graphs, on CUDA), in fixed shapes (FixedShapeDecode): slots as long as the model's context,
+    the batch padded to a power of two (at most the slots), one trace per padded size. A row past
+    the slot's capacity decodes eagerly; if compiling fails the engine says so and decodes eagerly.
     """
 
-    def __init__(self, model, tokenizer, max_batch=None):
+    def __init__(self, model, tokenizer, max_batch=None, compile_decode=False):
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        # the decode step through torch.compile (CUDA graphs on CUDA), one trace per batch size
+        # rounded up to a power of two; prefill stays eager (one request at a time)
+        self.compiled_decode, self.static_cache = None, None
+        if compile_decode:
+            # a trace per (engine, padded batch): 7 batch sizes up to 64 per replica would pass
+            # dynamo's default limit of 8 per function, after which it decodes eagerly unannounced
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            on_cuda = model.lm_head.weight.device.type == "cuda"
+            self.compiled_decode = torch.compile(self._decode_fixed, fullgraph=True, dynamic=False,
+                                                 mode="reduce-overhead" if on_cuda else None)
         self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.tool = self._tool_tokens()
         self.cache = None
@@ -402,11 +449,40 @@ class Engine:
         events = self._sample()
         self._retire([seq for seq, _, _ in events if seq.finished], None)
         if self.running:
-            device = self.model.lm_head.weight.device
-            ids = torch.tensor([[seq.tokens[-1]] for seq in self.running], dtype=torch.long, device=device)  # (B, 1)
-            self.cache.select(0, len(self.running))
-            self.logits = self.model(ids, kv_cache=self.cache, last_only=True)[:, -1, :]  # (B, vocab_size)
+            self._decode()
         return events
+
+    def _decode(self):
+        """One forward over every running sequence's last token: self.logits (B, vocab_size)."""
+        device = self.model.lm_head.weight.device
+        B, cache = len(self.running), self.cache
+        if self.compiled_decode is not None and max(cache.lengths[:B]) < cache.k.size(3):
+            padded = min(1 << (B - 1).bit_length(), cache.num_slots)  # rows B.. write into free slots, unread
+            ids = torch.zeros(padded, 1, dtype=torch.long)
+            ids[:B, 0] = torch.tensor([seq.tokens[-1] for seq in self.running])
+            positions = torch.tensor(cache.lengths[:B] + [0] * (padded - B))
+            if self.static_cache is not cache.k:  # CUDA graphs write into the cache in place instead of copying it
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+                self.static_cache = cache.k
+            try:
+                logits = self.compiled_decode(ids.to(device), positions.to(device), cache.k, cache.v)
+            except Exception as e:  # no C++ compiler for inductor, an unsupported GPU, ...: decode eagerly
+                print(f"Engine: the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); "
+                      "decoding without torch.compile from now on")
+                self.compiled_decode = None
+                return self._decode()
+            self.logits = logits[:B].clone()  # a CUDA graph's output is overwritten by its next replay
+            for slot in range(B):
+                cache.lengths[slot] += 1
+            return
+        ids = torch.tensor([[seq.tokens[-1]] for seq in self.running], dtype=torch.long, device=device)  # (B, 1)
+        cache.select(0, B)
+        self.logits = self.model(ids, kv_cache=cache, last_only=True)[:, -1, :]  # (B, vocab_size)
+
+    def _decode_fixed(self, ids, positions, k, v):
+        """The compiled decode step: ids (B, 1), positions (B,) int64 -> fp32 logits (B, vocab_size)."""
+        return self.model(ids, kv_cache=FixedShapeDecode(k, v, positions), last_only=True)[:, -1, :]
 
     def reset(self):
         """Drop every running and waiting sequence (after the model raised in step()); returns
@@ -427,6 +503,8 @@ class Engine:
         n_layer = self.model.config.n_layer
         if self.cache is None:  # slots as long as the first sequence needs; prepare() grows them for longer ones
             capacity = min(self.model.config.sequence_len, len(needed.tokens) + needed.max_tokens)
+            if self.compiled_decode is not None:  # one shape for every step: the whole context
+                capacity = self.model.config.sequence_len
             self.cache = KVCache(max(num_slots, self.max_batch or 0), n_layer, capacity)
         elif num_slots > self.cache.num_slots:  # max_batch None: double, keeping what is cached
             self.cache.add_slots(max(num_slots, 2 * self.cache.num_slots))

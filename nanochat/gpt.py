@@ -235,14 +235,19 @@ class GPT(nn.Module):
         return cos[None, :, None, :], sin[None, :, None, :]
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, wte_init_std=1.0, fc_init_scale=1.0):
         """Initialise every parameter in place and (re)compute the rotary tables.
 
-        - wte: normal, std 1 (the RMSNorm right after it removes the scale anyway).
+        - wte: normal, std wte_init_std (the RMSNorm right after it removes the scale from the
+          forward pass; the scale still sets how far an Adam step moves a row, relatively).
         - lm_head: normal, std 0.001, so the first logits are ~0 and the loss starts at ln(V).
         - attention q/k/v and mlp c_fc: uniform(-a, a) with a = sqrt(3/fan_in), i.e. std
           1/sqrt(fan_in): unit-variance outputs for unit-RMS inputs (which RMSNorm guarantees).
-          Uniform rather than normal because it has no tails, at the same variance.
+          Uniform rather than normal because it has no tails, at the same variance. c_fc's bound
+          is then multiplied by fc_init_scale.
+          Upstream nanochat's 2026 values are wte_init_std 0.8 and fc_init_scale 0.4 (its commits
+          6ed7d1d, "Embedding init std 1.0 -> 0.8, MLP c_fc init 0.5x smaller", and a825e63, 0.4x;
+          tuned at d12); the defaults are the Nov-2025 ones.
         - attention c_proj and mlp c_proj: zero, so every block starts as the identity and the
           residual stream is just the embedding at step 0.
         - "modern" only (upstream nanochat's values): resid_lambdas from 1.15 at the first layer
@@ -250,11 +255,11 @@ class GPT(nn.Module):
           (uniform, std 1/sqrt(n_embd)); the value-embedding gates uniform(0, 0.02), so they start
           near 3 * sigmoid(0) = 1.5.
         """
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=wte_init_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                bound = math.sqrt(3.0 / linear.in_features)
+                bound = math.sqrt(3.0 / linear.in_features) * (fc_init_scale if linear is block.mlp.c_fc else 1.0)
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)

@@ -216,7 +216,7 @@ NOV2025 = dict(
     embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
     adam_betas=(0.8, 0.95), embedding_betas=(0.8, 0.95), x0_beta1=0.8,
     warmup_steps=0, warmdown_ratio=0.2, final_lr_frac=0.0, lr_batch_scaling=False,
-    momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None,
+    momentum_ramp=(0.85, 0.95, 300), momentum_warmdown_end=None, wte_init_std=1.0, fc_init_scale=1.0,
     # horizon: 20 tokens per parameter, all parameters counted (Chinchilla); a fixed batch
     param_count="all", target_param_data_ratio=20.0, total_batch_size=524288, packing="stream",
 )
@@ -234,7 +234,7 @@ RECIPES = {
         embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
         adam_betas=(0.8, 0.96), embedding_betas=(0.8, 0.995), x0_beta1=0.96,
         warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05, lr_batch_scaling=True,
-        momentum_ramp=(0.85, 0.97, 400), momentum_warmdown_end=0.90,
+        momentum_ramp=(0.85, 0.97, 400), momentum_warmdown_end=0.90, wte_init_std=1.0, fc_init_scale=1.0,
         param_count="matmul", target_param_data_ratio=12.0, total_batch_size=-1, packing="bestfit",
     ),
     # this project's default since Dec 2026: nov2025 plus the 2026 changes that won at equal FLOPs at

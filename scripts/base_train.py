@@ -84,6 +84,8 @@ parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradi
 parser.add_argument("--warmup-steps", type=int, default=None, help="steps of linear LR warmup")
 parser.add_argument("--warmdown-ratio", type=float, default=None, help="fraction of steps with linear LR warmdown")
 parser.add_argument("--final-lr-frac", type=float, default=None, help="LR at the end, as a fraction of the initial")
+parser.add_argument("--wte-init-std", type=float, default=None, help="std of the token embedding's normal init")
+parser.add_argument("--fc-init-scale", type=float, default=None, help="multiplies the MLP c_fc's uniform init bound")
 # evaluation, sampling, checkpoints
 parser.add_argument("--eval-every", type=int, default=None, help="val bpb every N steps (-1: only at the end; gpu: 250)")
 parser.add_argument("--eval-tokens", type=int, default=None,
@@ -172,7 +174,7 @@ with torch.device("meta"):
 model.to_empty(device=device)
 torch.manual_seed(args.seed)
 init_rng_state = capture_rng_state()  # to re-initialise identically if memory runs out before the first checkpoint
-model.init_weights()
+model.init_weights(wte_init_std=recipe["wte_init_std"], fc_init_scale=recipe["fc_init_scale"])
 if args.fp8:
     print0(f"fp8: {convert_blocks_to_fp8(model)} block matrices train in fp8 (torchao, tensorwise)"
            + ("" if stage.use_compile else "; without torch.compile fp8 is slower than bf16"))
@@ -248,7 +250,8 @@ print0(f"model: {stage.model_tag} | {shape.arch} | depth {shape.depth} | n_embd 
        f"heads {model_config.n_head} | vocab {vocab_size} | seq {shape.max_seq_len}")
 print0(f"recipe {shape.recipe}: Muon {recipe['orthogonalizer']}, NorMuon beta2 {recipe['normuon_beta2']}, cautious weight "
        f"decay {weight_decay:.4g} | LR x {lr_scale:.3g}, warmup {recipe['warmup_steps']} steps, warmdown "
-       f"{recipe['warmdown_ratio']:.0%} to {recipe['final_lr_frac']}")
+       f"{recipe['warmdown_ratio']:.0%} to {recipe['final_lr_frac']} | init: wte std {recipe['wte_init_std']}, "
+       f"c_fc x {recipe['fc_init_scale']}")
 print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
 print0(f"batch: {shape.total_batch_size:,} tokens per step = {shape.device_batch_size} x {shape.max_seq_len} x "
        f"{world_size} processes x {grad_accum_steps} accumulation steps")
@@ -294,7 +297,7 @@ def go_back_after_out_of_memory():
     loop_state.clear()
     if last_saved_step is None:
         restore_rng_state(init_rng_state)
-        orig_model.init_weights()
+        orig_model.init_weights(wte_init_std=recipe["wte_init_std"], fc_init_scale=recipe["fc_init_scale"])
         optimizers = build_optimizers()
         step, loader_state = 0, None
         loop_state.update(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)

@@ -92,6 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a free worker before a 503")
     parser.add_argument("--max-batch", type=int, default=None, help="requests each replica decodes together (default: the "
                         "KV-cache slots that fit half the free GPU memory, at most 64; on CPU a quarter of free RAM, at most 16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, one trace per batch size "
+                        "rounded up to a power of two (CUDA graphs on CUDA; CPU: needs a C++ compiler); falls back to "
+                        "eager decoding with a message if it fails")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
     parser.add_argument("--max-slots-per-client", type=int, default=None, help="slots one client address may decode in at "
                         "once; its other requests wait in line, passed by other clients' (default: all slots but a quarter, "
@@ -141,9 +144,9 @@ class Worker:
     the thread only.
     """
 
-    def __init__(self, index, model, tokenizer, dtype, max_batch):
+    def __init__(self, index, model, tokenizer, dtype, max_batch, compile_decode=False):
         self.index, self.device, self.dtype = index, model.lm_head.weight.device, dtype
-        self.engine = Engine(model, tokenizer, max_batch=max_batch)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, compile_decode=compile_decode)
         self.active = 0  # requests holding one of its slots (changed on the event loop's thread)
         self.requests_served = 0
         self.tokens_generated, self.busy_seconds = 0, 0.0
@@ -599,7 +602,7 @@ async def handle_unexpected_error(request, e):
 def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
     """The FastAPI app serving `models` (replicas of one checkpoint, one per device) as `model_id`.
 
-    args: parse_args()'s flags; the app reads --temperature, --top-k, --max-tokens, --api-key,
+    args: parse_args()'s flags; the app reads --temperature, --top-k, --max-tokens, --api-key, --compile,
     --queue-timeout, --max-queue, --max-slots-per-client and --max-body-bytes. Everything a request touches lives in here,
     so apps can be built side by side in one process (the tests drive them with TestClient).
     """
@@ -607,7 +610,7 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
     per_client = args.max_slots_per_client
     if per_client is None:
         per_client = default_max_slots_per_client(max_batch * len(models))
-    pool = WorkerPool([Worker(i, model, tokenizer, dtype, max_batch) for i, model in enumerate(models)],
+    pool = WorkerPool([Worker(i, model, tokenizer, dtype, max_batch, args.compile) for i, model in enumerate(models)],
                       args.max_queue, args.queue_timeout, per_client)
     sequence_len = models[0].config.sequence_len
     stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
@@ -664,7 +667,9 @@ def create_app(models, tokenizer, model_id, args, dtype=torch.float32):
             "ttft_seconds": {"p50": percentile(0.50), "p95": percentile(0.95), "requests": len(ttft)},
             "errors": pool.stats["errors"],
             "per_worker": [{"index": w.index, "device": str(w.device), "active": w.active, "max_batch": w.max_batch,
-                            "requests_served": w.requests_served} for w in workers],
+                            "requests_served": w.requests_served,
+                            # --compile: "compiled" until compiling fails (then "eager", with the reason in the log)
+                            "decode": "eager" if w.engine.compiled_decode is None else "compiled"} for w in workers],
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])

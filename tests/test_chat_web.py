@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -157,6 +158,24 @@ def test_non_streaming_answer_and_usage_match_the_tokenizer(client, local, seed)
     stopped = is_stop(local, generated[-1])
     assert choice.finish_reason == ("stop" if stopped else "length")
     assert choice.message.content == tokenizer.decode(generated[:-1] if stopped else generated)
+
+
+@pytest.mark.slow
+def test_compile_flag_serves_what_eager_decoding_generates(load, local):
+    """--compile: the worker's Engine decodes through torch.compile, and two requests at once get
+    the replies each gets from an eager Engine alone."""
+    messages = [{"role": "user", "content": "Hello, how are you?"}]
+    with app_client(load, "d1", "--compile", "--max-batch", "2") as c:
+        assert c.get("/stats").json()["per_worker"][0]["decode"] == "compiled"
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda seed: in_process(c).chat.completions.create(
+                model="nanochat", messages=messages, max_tokens=24, seed=seed), (1, 2)))
+        assert c.get("/stats").json()["per_worker"][0]["decode"] == "compiled"  # not fallen back to eager
+    for seed, r in zip((1, 2), replies):
+        _, generated = expected_reply(local, messages, 24, seed)
+        assert r.usage.completion_tokens == len(generated)
+        text = local[1].decode(generated[:-1] if is_stop(local, generated[-1]) else generated)
+        assert r.choices[0].message.content == text
 
 
 def test_finish_reason_length_iff_max_tokens_hit(client, local):

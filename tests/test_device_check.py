@@ -38,6 +38,9 @@ def test_device_check_runs_end_to_end_at_cpu_sizes(tmp_path):
     assert "| depth | mode | batch | seq | tok_s | mfu |" in markdown and "| depth | weights | batch |" in markdown
     part3 = json.loads((out / "device_check_part3.json").read_text())
     assert [(r["max_batch"] == 1, r["clients"]) for r in part3["serving"]] == [(True, 1), (False, 1), (True, 4), (False, 4)]
+    (compiled,) = part3["compiled_decode"]  # batch 1 at CPU sizes
+    assert compiled["same_greedy_tokens"] is True and compiled["compiled_tok_s"] > 0 and compiled["compile_s"] > 0
+    assert "| depth | batch | eager_tok_s | compiled_tok_s |" in (out / "device_check_part3.md").read_text()
     assert all(r["errors"] == 0 and r["slots_free_after"] and r["aggregate_tok_s"] > 0 for r in part3["serving"])
     assert "| server | max_batch | clients | aggregate_tok_s | ratio |" in (out / "device_check_part3.md").read_text()
 

@@ -368,6 +368,41 @@ def test_a_sequence_generates_the_same_tokens_alone_and_in_a_changing_batch():
     assert seqs[0].tokens != seqs[3].tokens  # the seed, not the batch, decides
 
 
+@pytest.mark.slow
+def test_the_compiled_decode_step_generates_what_eager_decoding_does(capsys):
+    """Engine(compile_decode=True): one torch.compile trace per padded batch size (1, 2, 3 here),
+    attention over the whole slot. Sequences join, leave and run past the slot (eager from
+    there), and each still gets the tokens it generates alone, eagerly."""
+    model = build_model(n_kv_head=1)
+    requests = [([BOS, 5, 9], dict(max_tokens=14, temperature=0.9, top_k=20, seed=1)),
+                ([BOS, 3], dict(max_tokens=5, temperature=0.0)),
+                ([BOS] + [7] * 56, dict(max_tokens=12, temperature=1.3, top_p=0.8, seed=2)),  # past the 64-token slot
+                ([BOS, 1, 2, 3, 4], dict(max_tokens=9, temperature=0.7, seed=4))]
+    engine = Engine(model, NEVER_STOPS, max_batch=3, compile_decode=True)
+    compiled, batch_sizes = engine.compiled_decode, []
+    engine.compiled_decode = lambda ids, *args: batch_sizes.append(ids.size(0)) or compiled(ids, *args)
+    seqs = []
+    for step in range(40):
+        if step < len(requests):
+            seqs += engine.add(requests[step][0], **requests[step][1])
+        engine.step()
+    assert not engine.has_work() and engine.compiled_decode is not None
+    assert sorted(set(batch_sizes)) == [1, 2, 3]  # 2 running rows padded to 2, 3 to 3 (the slots), not 4
+    for seq, (prompt, settings) in zip(seqs, requests):
+        assert seq.finish_reason == "length" and seq.tokens[len(prompt):] == run_alone(model, prompt, **settings)
+    assert "failed" not in capsys.readouterr().out
+
+    def broken(*args):  # what a machine without a C++ compiler for inductor gets
+        raise RuntimeError("inductor: no working C++ compiler")
+    engine.compiled_decode = broken
+    prompt, settings = requests[0]
+    (seq,) = engine.add(prompt, **settings)
+    while engine.has_work():
+        engine.step()
+    assert seq.tokens[len(prompt):] == run_alone(model, prompt, **settings) and engine.compiled_decode is None
+    assert "the compiled decode step failed (RuntimeError: inductor: no working C++ compiler)" in capsys.readouterr().out
+
+
 def test_bf16_sequences_in_a_batch_stay_near_greedy():
     """Under bf16 autocast the ragged batch rounds differently from one row alone, so exact
     equality is not promised; each greedy token is still the full forward's argmax within the

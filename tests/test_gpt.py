@@ -200,6 +200,21 @@ def test_meta_build_then_to_empty_then_init_weights():
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
 
 
+def test_init_scales_set_the_embedding_std_and_the_mlp_input_bound_only():
+    config = GPTConfig.from_depth(4, vocab_size=4096, sequence_len=64)
+    default = build(config)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights(wte_init_std=0.8, fc_init_scale=0.4)  # upstream nanochat's 2026 values
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.01)
+    assert default.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.01)
+    for block, default_block in zip(model.transformer.h, default.transformer.h):
+        fc, bound = block.mlp.c_fc.weight, math.sqrt(3 / config.n_embd)
+        assert fc.abs().max().item() <= 0.4 * bound and fc.std().item() == pytest.approx(0.4 / math.sqrt(config.n_embd), rel=0.02)
+        assert default_block.mlp.c_fc.weight.abs().max().item() > 0.99 * bound
+        assert block.attn.c_q.weight.std().item() == pytest.approx(1 / math.sqrt(config.n_embd), rel=0.02)
+
+
 @pytest.mark.parametrize("config", [TINY, MODERN], ids=["classic", "modern"])
 def test_backward_reaches_every_parameter(config):
     model = build(config)
