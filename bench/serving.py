@@ -184,6 +184,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="sweeps over the client counts (medians are reported)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (every reply runs this long)")
     parser.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: chat_web's)")
+    parser.add_argument("--compile", action="store_true", help="both servers (and the Engine rows) decode through torch.compile")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: chat_web's autodetect")
     parser.add_argument("--base-dir", default=None, help="with tokenizer/ (default: $NANOCHAT_BASE_DIR)")
     parser.add_argument("--out", default=None, help="write every phase as JSON here")
@@ -196,6 +197,8 @@ def main():
     flags = ["--max-queue", "1024", "--queue-timeout", "3600", "--max-slots-per-client", "0"]
     if args.device_type:
         flags += ["--device-type", args.device_type]
+    if args.compile:
+        flags += ["--compile"]
     configs = [("batch 1 (baseline)", ["--max-batch", "1"]),
                ("continuous", [] if args.max_batch is None else ["--max-batch", str(args.max_batch)])]
     runs = []  # every phase of every repeat
@@ -209,6 +212,10 @@ def main():
                 except RuntimeError as e:
                     sys.exit(f"bench.serving: {e}")
                 one_request_warmup(servers[-1].url, args.max_tokens)
+                n = 2
+                while args.compile and n <= 2 * max(clients):  # every padded batch size compiles before the clock runs
+                    run_load(servers[-1].url, n, 1, 4)
+                    n *= 2
             max_batch = [httpx.get(s.url + "/stats").json()["slots"]["total"] for s in servers]
             # the baseline and the batched server take turns at each client count, and the sweep
             # repeats: a machine whose speed drifts over minutes shifts both alike
@@ -230,7 +237,7 @@ def main():
             for server in servers:
                 server.stop()
 
-        engine_rows = measure_engine(scratch, tag, args.device_type, sorted({1, *clients}), args.max_tokens)
+        engine_rows = measure_engine(scratch, tag, args.device_type, sorted({1, *clients}), args.max_tokens, args.compile)
     print("\nThe Engine alone (no HTTP): Engine.generate_many over 32 prompts:")
     for r in engine_rows:
         print(f"  max_batch {r['max_batch']:>3}: {r['tok_s']:8.1f} tok/s ({r['tok_s'] / engine_rows[0]['tok_s']:.2f}x max_batch 1)")
@@ -262,7 +269,7 @@ def summarize(runs, baseline_name):
     return rows
 
 
-def measure_engine(scratch, tag, device_type, batches, max_tokens, num_prompts=32):
+def measure_engine(scratch, tag, device_type, batches, max_tokens, compile_decode=False, num_prompts=32):
     """The same model without HTTP: Engine.generate_many over num_prompts prompts at each
     max_batch (1 = one at a time, how chat_eval decoded before), tokens/s of generated tokens."""
     from nanochat.checkpoint_manager import load_model
@@ -276,9 +283,9 @@ def measure_engine(scratch, tag, device_type, batches, max_tokens, num_prompts=3
                for i in range(num_prompts)]
     rows = []
     for max_batch in batches:
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, compile_decode=compile_decode)
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            engine.generate_many(prompts[:2], max_batch=max_batch, max_tokens=4)  # warm-up
+            engine.generate_many(prompts[:max(2, max_batch)], max_batch=max_batch, max_tokens=4)  # warm-up (and compile)
             t0 = time.perf_counter()
             outputs = engine.generate_many(prompts, max_batch=max_batch, max_tokens=max_tokens, temperature=1.0, top_k=50)
             if device == "cuda":

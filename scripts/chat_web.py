@@ -93,8 +93,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch", type=int, default=None, help="requests each replica decodes together (default: the "
                         "KV-cache slots that fit half the free GPU memory, at most 64; on CPU a quarter of free RAM, at most 16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, one trace per batch size "
-                        "rounded up to a power of two (CUDA graphs on CUDA; CPU: needs a C++ compiler); falls back to "
-                        "eager decoding with a message if it fails")
+                        "rounded up to a power of two (CUDA graphs on CUDA; not measured on a GPU yet). Not for CPUs: "
+                        "there it decoded 40x slower (bench/RESULTS.md). Falls back to eager decoding, with a message, if "
+                        "compiling fails")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a worker before new ones get a 429")
     parser.add_argument("--max-slots-per-client", type=int, default=None, help="slots one client address may decode in at "
                         "once; its other requests wait in line, passed by other clients' (default: all slots but a quarter, "
