@@ -174,7 +174,8 @@ with torch.device("meta"):
 model.to_empty(device=device)
 torch.manual_seed(args.seed)
 init_rng_state = capture_rng_state()  # to re-initialise identically if memory runs out before the first checkpoint
-model.init_weights(wte_init_std=recipe["wte_init_std"], fc_init_scale=recipe["fc_init_scale"])
+init_scales = {name: recipe[name] for name in ("wte_init_std", "fc_init_scale")}  # used again for an OOM restart
+model.init_weights(**init_scales)
 if args.fp8:
     print0(f"fp8: {convert_blocks_to_fp8(model)} block matrices train in fp8 (torchao, tensorwise)"
            + ("" if stage.use_compile else "; without torch.compile fp8 is slower than bf16"))
@@ -297,7 +298,7 @@ def go_back_after_out_of_memory():
     loop_state.clear()
     if last_saved_step is None:
         restore_rng_state(init_rng_state)
-        orig_model.init_weights(wte_init_std=recipe["wte_init_std"], fc_init_scale=recipe["fc_init_scale"])
+        orig_model.init_weights(**init_scales)
         optimizers = build_optimizers()
         step, loader_state = 0, None
         loop_state.update(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)
