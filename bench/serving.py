@@ -185,6 +185,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (every reply runs this long)")
     parser.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: chat_web's)")
     parser.add_argument("--compile", action="store_true", help="both servers (and the Engine rows) decode through torch.compile")
+    parser.add_argument("--stream-interval", type=float, default=None, help="both servers' --stream-interval (default: chat_web's)")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: chat_web's autodetect")
     parser.add_argument("--base-dir", default=None, help="with tokenizer/ (default: $NANOCHAT_BASE_DIR)")
     parser.add_argument("--out", default=None, help="write every phase as JSON here")
@@ -199,6 +200,8 @@ def main():
         flags += ["--device-type", args.device_type]
     if args.compile:
         flags += ["--compile"]
+    if args.stream_interval is not None:
+        flags += ["--stream-interval", str(args.stream_interval)]
     configs = [("batch 1 (baseline)", ["--max-batch", "1"]),
                ("continuous", [] if args.max_batch is None else ["--max-batch", str(args.max_batch)])]
     runs = []  # every phase of every repeat

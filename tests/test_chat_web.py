@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -230,6 +231,44 @@ def test_tokens_that_arrive_together_go_out_in_one_chunk(client, local, monkeypa
     assert "".join(texts) == local[1].decode(generated[:-1] if stopped else generated)
     assert chunks[-1].usage.completion_tokens == len(generated)
     assert len(texts) <= -(-len(generated) // 4)  # one chunk per hand-over, not one per token
+
+
+def stream_runs(interval, token_times, end_time):
+    """token_runs(interval) of a Generation whose tokens 0, 1, ... arrive at token_times and whose
+    end arrives at end_time (seconds from the start, on the event loop, no model). Returns
+    ([(seconds, run)], seconds until the stream ended)."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        pool = SimpleNamespace(ttft=[], stats={"errors": 0}, release=lambda worker, client: None)
+        worker = SimpleNamespace(submit=lambda generation: None, requests_served=0)
+        generation = chat_web.Generation(pool, worker, "127.0.0.1", [0], len(token_times), {})
+        t0 = time.perf_counter()
+        for token, t in enumerate(token_times):
+            loop.call_later(t, generation.receive, token)
+        loop.call_later(end_time, generation.receive, chat_web.Generation.END)
+        runs = [(time.perf_counter() - t0, run) async for run in generation.token_runs(interval)]
+        return runs, time.perf_counter() - t0
+    return asyncio.run(scenario())
+
+
+def test_stream_interval_sends_one_chunk_per_interval_and_the_end_at_once():
+    """--stream-interval: the first token goes out alone, later runs are at least an interval apart
+    and carry every token that arrived meanwhile, and the end does not wait the interval out."""
+    runs, seconds = stream_runs(0.1, [0.02 * i for i in range(25)], 0.5)  # 50 tokens/s for 0.5 s
+    assert [t for _, run in runs for t in run] == list(range(25))
+    assert runs[0][1] == [0]
+    gaps = [b - a for (a, _), (b, _) in zip(runs, runs[1:])]
+    assert min(gaps) >= 0.1 - 1e-3 and 3 <= len(runs) <= 7, (gaps, runs)
+
+    runs, seconds = stream_runs(1.0, [0.0] + [0.05 + 0.01 * i for i in range(9)], 0.15)
+    assert [run for _, run in runs] == [[0], list(range(1, 10))]
+    assert seconds < 0.9  # ended with the reply (0.15 s), not after the 1 s interval
+
+
+def test_stream_interval_out_of_range_is_a_clear_error():
+    with pytest.raises(SystemExit) as e:
+        chat_web.parse_args(["--stream-interval", "5"])
+    assert "--stream-interval must be in 0..1 seconds, got 5.0" in str(e.value.code)
 
 
 def test_a_model_error_ends_the_request_with_500_and_the_replica_serves_on(load):
