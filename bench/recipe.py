@@ -65,6 +65,7 @@ VARIANTS = {
     "jan2026": ["--recipe", "jan2026", "--total-batch-size", "-1"],  # its own batch (Power Lines), LR x batch
     "jan2026@batch": ["--recipe", "jan2026"],  # at the bench's batch (--batch), LR x sqrt(batch / 2^19): as upstream's row runs
     "jan2026@batch+classic_arch": ["--recipe", "jan2026", "--arch", "classic"],  # its schedule and LRs, exportable architecture
+    "jan2026@batch-lr_scaling": ["--recipe", "jan2026", "--no-lr-batch-scaling"],  # its d12 LRs as they are at any batch
 }
 # FLOPs per run at each depth: about 2-4 minutes each on a 2-core CPU
 DEFAULT_FLOPS = {2: 5e12, 4: 2e13, 6: 4e13, 8: 6e13}

@@ -367,6 +367,8 @@ class Engine:
     graphs, on CUDA), in fixed shapes (FixedShapeDecode): slots as long as the model's context,
     the batch padded to a power of two (at most the slots), one trace per padded size. A row past
     the slot's capacity decodes eagerly; if compiling fails the engine says so and decodes eagerly.
+    An out-of-memory error in the compiled step is raised to step()'s caller like an eager one's
+    (torch.OutOfMemoryError), and the step stays compiled.
     """
 
     def __init__(self, model, tokenizer, max_batch=None, compile_decode=False):
@@ -467,6 +469,8 @@ class Engine:
                 self.static_cache = cache.k
             try:
                 logits = self.compiled_decode(ids.to(device), positions.to(device), cache.k, cache.v)
+            except torch.OutOfMemoryError:  # this batch's, not the compiled step's: the caller ends the batch, the next one compiles as before
+                raise
             except Exception as e:  # no C++ compiler for inductor, an unsupported GPU, ...: decode eagerly
                 print(f"Engine: the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); "
                       "decoding without torch.compile from now on")

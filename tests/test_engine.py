@@ -403,6 +403,21 @@ def test_the_compiled_decode_step_generates_what_eager_decoding_does(capsys):
     assert "the compiled decode step failed (RuntimeError: inductor: no working C++ compiler)" in capsys.readouterr().out
 
 
+def test_out_of_memory_in_the_compiled_decode_step_is_raised_and_keeps_it_compiled():
+    """A CUDA out-of-memory belongs to the batch that ran into it (chat_web ends those requests
+    and serves on): it is raised, not taken as a broken compiler, so the next batch still decodes
+    through torch.compile."""
+    engine = Engine(build_model(), NEVER_STOPS, max_batch=2, compile_decode=True)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    engine.compiled_decode = out_of_memory
+    engine.add([BOS, 5, 9], max_tokens=4)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+    assert engine.compiled_decode is out_of_memory
+
+
 def test_bf16_sequences_in_a_batch_stay_near_greedy():
     """Under bf16 autocast the ragged batch rounds differently from one row alone, so exact
     equality is not promised; each greedy token is still the full forward's argmax within the
